@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import re
 import unicodedata
 from collections import Counter
@@ -138,9 +139,7 @@ def _from_messages(record: dict, where: str) -> tuple[str, str]:
     return instruction, response
 
 
-def record_to_pair(
-    record: Any, where: str, source: str = "", allow_missing_instruction: bool = False
-) -> Pair:
+def record_to_pair(record: Any, where: str, source: str = "", allow_missing_instruction: bool = False) -> Pair:
     """Recognise the record's shape and build a Pair. `where` is `file:line`, used in error messages."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with fields ({SHAPES}), got {type(record).__name__}")
@@ -183,8 +182,9 @@ def load_hub_pairs(dataset_id: str, split: str = "train", source: str | None = N
     from datasets import load_dataset
 
     dataset = load_dataset(dataset_id, split=split, **kwargs)
-    return [record_to_pair(dict(row), f"{dataset_id}[{split}]:{i}", source or dataset_id) for i, row in
-            enumerate(dataset)]
+    return [
+        record_to_pair(dict(row), f"{dataset_id}[{split}]:{i}", source or dataset_id) for i, row in enumerate(dataset)
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,6 +285,24 @@ def load_bundled(name: str) -> list[Pair]:
     if name not in ("seed", "heldout", "unlabeled"):
         raise ValueError(f"unknown bundled split {name!r}; choose seed, heldout or unlabeled")
     return load_pairs(bundled_path(BUNDLED_FILES[name]), allow_missing_instruction=(name == "unlabeled"))
+
+
+def load_source(spec: str) -> list[Pair]:
+    """Pairs from a data spec: `bundled:<split>`, `hf:<dataset_id>[@<split>]` (hub), or a file path."""
+    if spec.startswith("bundled:"):
+        return load_bundled(spec.removeprefix("bundled:"))
+    if spec.startswith("hf:"):
+        dataset_id, _, split = spec.removeprefix("hf:").partition("@")
+        return load_hub_pairs(dataset_id, split or "train")
+    return load_pairs(spec)
+
+
+def sample_pairs(pairs: list[Pair], n: int | None, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """A seeded random sample of `n` pairs (all when n is None) and the rest, each in the original order."""
+    if n is None or n >= len(pairs):
+        return list(pairs), []
+    chosen = set(random.Random(seed).sample(range(len(pairs)), n))
+    return [p for i, p in enumerate(pairs) if i in chosen], [p for i, p in enumerate(pairs) if i not in chosen]
 
 
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -81,7 +81,11 @@ def build_prompt(
 
 
 def _chat_target_suffix(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, direction: Direction, instruction: str, response: str,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    direction: Direction,
+    instruction: str,
+    response: str,
     system: str | None,
 ) -> str:
     """The text the chat template puts after the generation prompt for this target, cut after EOS."""
@@ -122,9 +126,7 @@ def encode(
         target_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(prompt)["input_ids"]
-        target_ids = tokenizer(target_text(direction, instruction, response), add_special_tokens=False)[
-            "input_ids"
-        ]
+        target_ids = tokenizer(target_text(direction, instruction, response), add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             target_ids = [*target_ids, tokenizer.eos_token_id]
     if max_length is not None:

@@ -32,7 +32,9 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from mainlib.data import Pair
+from mainlib.models import LoraSettings, Quantization, add_lora, load_model, save_adapter
 from mainlib.prompts import Direction, encode
+from mainlib.results import write_json
 
 SEED, SYNTHETIC = 0, 1  # values of the `group` column
 
@@ -132,9 +134,7 @@ def build_dataset(
         counts["examples"] += 1
         counts["target_tokens"] += len(enc.target_ids)
     if counts["examples"] == 0:
-        raise ValueError(
-            f"no example has target tokens within max_length={settings.max_length}; raise max_length"
-        )
+        raise ValueError(f"no example has target tokens within max_length={settings.max_length}; raise max_length")
     return Dataset.from_dict(rows), counts
 
 
@@ -240,7 +240,6 @@ def train_sft(
     """Train `model` (a PeftModel with a trainable adapter) in place on `data`; return the loss curve.
 
     `data` is either plain pairs (all seed, weights as given) or `weight_pairs(seed, synthetic, alpha)`.
-    The curve is also written to `output_dir/losses.json` by the caller's choice of `save_result`.
     """
     set_seed(settings.seed)
     dataset, counts = build_dataset(data, tokenizer, settings)
@@ -255,8 +254,28 @@ def train_sft(
     trainer.train()
     seconds = time.perf_counter() - start
     keep = ("step", "epoch", "loss", "learning_rate", "seed_loss", "synthetic_loss", "mean_token_accuracy")
-    losses = [
-        {k: float(row[k]) for k in keep if k in row} for row in trainer.state.log_history if "loss" in row
-    ]
+    losses = [{k: float(row[k]) for k in keep if k in row} for row in trainer.state.log_history if "loss" in row]
     counts = {**counts, "optimizer_steps": int(trainer.state.global_step)}
     return SFTResult(settings.direction, losses, counts, seconds, settings.to_dict())
+
+
+def train_adapter(
+    base_model: str,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Sequence[tuple[Pair, int]] | Sequence[Pair],
+    settings: SFTSettings,
+    lora: LoraSettings,
+    out_dir: str | Path,
+    quantization: Quantization = "auto",
+):
+    """Load `base_model`, add a fresh LoRA adapter, train it, and save it (with its config) to `out_dir`.
+
+    Returns (peft_model, SFTResult). The adapter directory also holds `sft_result.json` (the loss curve).
+    """
+    set_seed(settings.seed)  # the LoRA initialisation is random too
+    model = add_lora(load_model(base_model, quantization), lora, settings.gradient_checkpointing)
+    result = train_sft(model, tokenizer, data, settings, Path(out_dir) / "trainer")
+    config = {"base_model": base_model, "quantization": quantization, "lora": asdict(lora), "sft": settings.to_dict()}
+    save_adapter(model, tokenizer, out_dir, config)
+    write_json(Path(out_dir) / "sft_result.json", result.to_dict())
+    return model, result

@@ -71,8 +71,11 @@ SOURCES = {
         "4f84882e57d22897a28cad4ce7e1f8ab60b06dad",
         "Apache-2.0",
     ),
-    "HumanEval.jsonl.gz": ("openai/human-eval : data/HumanEval.jsonl.gz", "6d43fb980f9fee3c892a914eda09951f772ad10d",
-                           "MIT"),
+    "HumanEval.jsonl.gz": (
+        "openai/human-eval : data/HumanEval.jsonl.gz",
+        "6d43fb980f9fee3c892a914eda09951f772ad10d",
+        "MIT",
+    ),
 }
 
 # Constraint bank for the complex instructions, written for this project (no external text). One
@@ -150,15 +153,27 @@ def complex_instruction(task: dict, rng: random.Random) -> dict:
     n_constraints = rng.choice([2, 3, 3, 4])
     categories = rng.sample(sorted(CONSTRAINTS), n_constraints)
     kw1, kw2 = rng.sample(KEYWORDS, 2)
-    fill = {"n": rng.choice([50, 80, 120]), "m": rng.choice([3, 4, 5]), "k": rng.choice([2, 3, 4]),
-            "word": rng.choice(START_WORDS), "kw1": kw1, "kw2": kw2}
+    fill = {
+        "n": rng.choice([50, 80, 120]),
+        "m": rng.choice([3, 4, 5]),
+        "k": rng.choice([2, 3, 4]),
+        "word": rng.choice(START_WORDS),
+        "kw1": kw1,
+        "kw2": kw2,
+    }
     constraints = [rng.choice(CONSTRAINTS[c]).format(**fill) for c in categories]
     instance = task["instances"][0]
     base = task["instruction"].strip()
     task_input = instance["input"].strip()
     text = base + (f"\n\n{task_input}" if task_input else "") + "\n\n" + " ".join(constraints)
-    return {"instruction": text, "task": base, "input": task_input, "constraints": constraints,
-            "constraint_categories": categories, "source": f"self_instruct_user_oriented:{task['id']}"}
+    return {
+        "instruction": text,
+        "task": base,
+        "input": task_input,
+        "constraints": constraints,
+        "constraint_categories": categories,
+        "source": f"self_instruct_user_oriented:{task['id']}",
+    }
 
 
 def build(src: Path, out: Path) -> dict:
@@ -186,15 +201,19 @@ def build(src: Path, out: Path) -> dict:
     gsm_train = read_jsonl(src / "gsm8k_train.jsonl")
     picked = sorted(rng.sample(range(len(gsm_train)), N_UNLABELED))
     unlabeled = [
-        {"response": gsm8k_solution(gsm_train[i]["answer"]), "reference_instruction": gsm_train[i]["question"],
-         "source": f"gsm8k_train:{i}"}
+        {
+            "response": gsm8k_solution(gsm_train[i]["answer"]),
+            "reference_instruction": gsm_train[i]["question"],
+            "source": f"gsm8k_train:{i}",
+        }
         for i in picked
     ]
     write_jsonl(out / "unlabeled.jsonl", unlabeled)
 
     gsm_test = read_jsonl(src / "gsm8k_test.jsonl")
-    write_jsonl(out / "eval" / "gsm8k_test.jsonl",
-                [gsm_test[i] for i in sorted(rng.sample(range(len(gsm_test)), N_GSM8K_TEST))])
+    write_jsonl(
+        out / "eval" / "gsm8k_test.jsonl", [gsm_test[i] for i in sorted(rng.sample(range(len(gsm_test)), N_GSM8K_TEST))]
+    )
 
     for subject in MMLU_SUBJECTS:
         for split, n in (("test", N_MMLU_PER_SUBJECT), ("dev", None)):
@@ -211,8 +230,9 @@ def build(src: Path, out: Path) -> dict:
     ifeval = read_jsonl(src / "ifeval_input_data.jsonl")
     write_jsonl(out / "eval" / "ifeval.jsonl", [ifeval[i] for i in sorted(rng.sample(range(len(ifeval)), N_IFEVAL))])
     humaneval = read_jsonl(src / "HumanEval.jsonl.gz")
-    write_jsonl(out / "eval" / "humaneval.jsonl",
-                [humaneval[i] for i in sorted(rng.sample(range(len(humaneval)), N_HUMANEVAL))])
+    write_jsonl(
+        out / "eval" / "humaneval.jsonl", [humaneval[i] for i in sorted(rng.sample(range(len(humaneval)), N_HUMANEVAL))]
+    )
 
     for path in sorted(out.rglob("*")):
         if path.is_file() and path.suffix in (".jsonl", ".csv"):
@@ -244,12 +264,12 @@ def sources_md(files: dict[str, int], manifest: dict) -> str:
     ]
     built_from = {
         "seed.jsonl": "175 Self-Instruct seed tasks + 25 user-oriented tasks (first instance; input appended "
-                      "to the instruction)",
+        "to the instruction)",
         "heldout.jsonl": "50 other user-oriented tasks, never trained on (ground-truth checks of the scorer)",
         "complex_instructions.jsonl": "100 other user-oriented tasks + 2-4 constraints each from a constraint "
-                                      "bank written for this project (fields: task, input, constraints)",
+        "bank written for this project (fields: task, input, constraints)",
         "unlabeled.jsonl": "500 GSM8K train solutions: `<<calc>>` annotations removed, `#### n` written as "
-                           "'The final answer is n.'; the question is kept as `reference_instruction`",
+        "'The final answer is n.'; the question is kept as `reference_instruction`",
         "eval/gsm8k_test.jsonl": "100 GSM8K test problems, original format",
         "eval/ifeval.jsonl": "100 IFEval prompts, original format",
         "eval/humaneval.jsonl": "20 HumanEval problems, original format",
@@ -272,8 +292,12 @@ def main() -> None:
     try:
         files = build(src, tmp)
         inputs = {name: sha256(src / name) for name in SOURCES if (src / name).is_file()}
-        manifest = {"seed": SEED, "inputs": inputs, "rows": files,
-                    "sha256": {name: sha256(tmp / name) for name in files}}
+        manifest = {
+            "seed": SEED,
+            "inputs": inputs,
+            "rows": files,
+            "sha256": {name: sha256(tmp / name) for name in files},
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "SOURCES.md").write_text(sources_md(files, manifest))
         if args.out.exists():

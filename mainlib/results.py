@@ -1,0 +1,96 @@
+"""Results as tidy JSON with provenance: the config that made them, package versions, git commit, device.
+
+Every JSON under `results/<run_name>/` is written by `write_result`, atomically (temp file + rename), so a
+killed notebook never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VERSIONED_PACKAGES = ("mainlib", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers."""
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the mainlib checkout (with `+dirty` when it has uncommitted changes), if it is one."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def provenance() -> dict[str, Any]:
+    return {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "device": device_description(),
+        "python": platform.python_version(),
+        "versions": package_versions(),
+    }
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write JSON atomically: into a temp file in the same folder, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_result(results_dir: str | Path, run_name: str, name: str, config: dict[str, Any], **fields: Any) -> Path:
+    """`results/<run_name>/<name>.json` = {config, provenance, **fields}; returns its path."""
+    payload = {"name": name, "run_name": run_name, "config": config, **fields, "provenance": provenance()}
+    return write_json(Path(results_dir) / run_name / f"{name}.json", payload)
+
+
+def markdown_table(rows: list[dict[str, Any]], max_chars: int = 300) -> str:
+    """A Markdown table of `rows` (same keys each); cells are cut to `max_chars` and kept on one line."""
+    if not rows:
+        return "(no rows)"
+    keys = list(rows[0])
+
+    def cell(value: Any) -> str:
+        text = str(value).replace("|", "\\|").replace("\n", " ⏎ ")
+        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
