@@ -60,6 +60,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
+        # Larger than Llama's 0.02: with the final RMSNorm bounding the hidden state, tied embeddings this small
+        # would cap every logit near zero and no adapter could fit even two examples.
+        initializer_range=0.3,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,57 @@
+"""The generation engine: token-budget batches, input order kept, finish reasons, determinism."""
+
+from __future__ import annotations
+
+import pytest
+
+from mainlib.generate import GenerationSettings, generate, plan_batches
+from mainlib.models import load_model
+
+
+def test_batches_respect_the_token_budget_and_sort_by_length() -> None:
+    lengths = [50, 10, 30, 10, 200, 20]
+    settings = GenerationSettings(max_new_tokens=20, token_budget=130, max_batch_size=3)
+    batches = plan_batches(lengths, settings)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)
+    for batch in batches:
+        widest = max(lengths[i] for i in batch) + settings.max_new_tokens
+        assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * widest <= settings.token_budget)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return load_model(str(tiny_model_dir), "none")
+
+
+def test_same_seed_same_outputs_and_input_order(tiny_model, tiny_tokenizer) -> None:
+    prompts = [f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n" for text in
+               ["Hi", "Write a long story about a dragon and a knight.", "Name a fruit.", "Why?"]]
+    settings = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7, token_budget=64)
+    first = generate(tiny_model, tiny_tokenizer, prompts, settings)
+    again = generate(tiny_model, tiny_tokenizer, prompts, settings)
+    assert first == again
+    other = generate(tiny_model, tiny_tokenizer, prompts, GenerationSettings(**{**settings.__dict__, "seed": 8}))
+    assert other != first
+    # Each output is what the prompt would get alone (greedy, so batching cannot change it).
+    greedy = GenerationSettings(max_new_tokens=12, temperature=0.0)
+    batched = generate(tiny_model, tiny_tokenizer, prompts, greedy)
+    assert batched == [generate(tiny_model, tiny_tokenizer, [p], greedy)[0] for p in prompts]
+
+
+def test_finish_reasons(tiny_model, tiny_tokenizer) -> None:
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    out = generate(tiny_model, tiny_tokenizer, [prompt], GenerationSettings(max_new_tokens=5, temperature=0.0))[0]
+    assert out.finish_reason == "length" and out.new_tokens == 5
+    # Make EOS the only possible next token: the model must stop at once.
+    eos = tiny_tokenizer.eos_token_id
+    head = tiny_model.get_output_embeddings()
+    saved = head.weight.data.clone()
+    try:
+        head.weight.data.zero_()
+        head.weight.data[eos] = 1.0
+        stopped = generate(tiny_model, tiny_tokenizer, [prompt], GenerationSettings(max_new_tokens=5, temperature=0.0))
+    finally:
+        head.weight.data.copy_(saved)
+    assert stopped[0].finish_reason == "eos" and stopped[0].text == "" and stopped[0].new_tokens == 1

@@ -1,0 +1,95 @@
+"""Model loading policy, adapter round trips, and the bundled offline model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mainlib import models
+from mainlib.models import LoraSettings
+
+
+def test_quantization_policy() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert models.quantization_config("auto", cpu) is None
+    assert models.quantization_config("none", cuda) is None
+    forced = models.quantization_config("4bit", cpu)
+    assert forced.load_in_4bit and forced.bnb_4bit_quant_type == "nf4" and forced.bnb_4bit_use_double_quant
+    assert forced.bnb_4bit_compute_dtype == torch.float32
+    with pytest.raises(ValueError, match="quantization must be"):
+        models.quantization_config("8bit", cpu)  # type: ignore[arg-type]
+
+
+def test_resolve_leaves_hub_ids_and_paths_alone(tmp_path: Path) -> None:
+    assert models.resolve_model("meta-llama/Llama-3.2-1B-Instruct") == "meta-llama/Llama-3.2-1B-Instruct"
+    assert models.resolve_model(str(tmp_path)) == str(tmp_path)
+
+
+def test_hub_id_offline_fails_loudly() -> None:
+    """A hub id is passed to transformers as is; offline (as in tests) that is an error, never a silent fallback."""
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    with pytest.raises(OSError):
+        models.load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_4bit_lora_on_cpu_and_adapter_round_trip(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = models.load_model(str(tiny_model_dir), quantization="4bit")
+    assert models.is_quantized(model)
+    peft_model = models.add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # make the adapter non-trivial so the round trip is meaningful
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    x = torch.tensor([tiny_tokenizer("Write a poem about the sea.")["input_ids"]])
+    with torch.no_grad():
+        before = peft_model(input_ids=x).logits
+    out = models.save_adapter(peft_model, tiny_tokenizer, tmp_path / "adapter", {"base_model": str(tiny_model_dir)})
+    reloaded, tokenizer, config = models.load_adapter(out, quantization="4bit")
+    with torch.no_grad():
+        after = reloaded(input_ids=x).logits
+    assert config["base_model"] == str(tiny_model_dir) and tokenizer.chat_template == tiny_tokenizer.chat_template
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), reloaded.disable_adapter():
+        assert not torch.allclose(reloaded(input_ids=x).logits, before, atol=1e-3)
+
+
+def test_load_adapter_needs_the_mainlib_config(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="mainlib_adapter.json"):
+        models.load_adapter(tmp_path)
+
+
+def test_killed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A conversion that dies midway leaves neither a model in the cache nor a temporary folder."""
+    monkeypatch.setenv("MAINLIB_CACHE", str(tmp_path))
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", die)
+    with pytest.raises(KeyboardInterrupt):
+        models.convert_bundled_model("smollm2-135m-instruct")
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_bundled_model_converts_once_and_answers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mainlib.data import Pair
+    from mainlib.generate import GenerationSettings, complete_pairs
+
+    monkeypatch.setenv("MAINLIB_CACHE", str(tmp_path))
+    converted = models.convert_bundled_model("smollm2-135m-instruct")
+    assert (converted / "model.safetensors").is_file() and (converted / "mainlib_provenance.json").is_file()
+    stamp = (converted / "model.safetensors").stat().st_mtime_ns
+    tokenizer = models.load_tokenizer("smollm2-135m-instruct")
+    model = models.load_model("smollm2-135m-instruct")  # from the cache: no second conversion
+    assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not any(p.name.startswith(".") for p in (tmp_path / "models").iterdir())
+    greedy = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    answer = complete_pairs(model, tokenizer, "forward", [Pair("What is the capital of France?", "")], greedy)[0]
+    assert "Paris" in answer.text and answer.finish_reason == "eos"

@@ -1,0 +1,103 @@
+"""The α weighting is exact, the TRL override computes it, and 4-bit + LoRA training lowers the loss on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mainlib.data import Pair
+from mainlib.models import LoraSettings, add_lora, load_model
+from mainlib.sft import (
+    SEED,
+    SYNTHETIC,
+    SFTSettings,
+    WeightedCollator,
+    WeightedSFTTrainer,
+    build_dataset,
+    example_weights,
+    sft_config,
+    train_adapter,
+    weight_pairs,
+    weighted_loss,
+)
+
+SEED_PAIRS = [
+    Pair("Name a fruit.", "An apple."),
+    Pair("What is 2 + 2?", "2 + 2 is 4."),
+    Pair("Translate 'merci' to English.", "It means thank you."),
+]
+SYNTHETIC_PAIRS = [
+    Pair("Give a colour.", "Blue is a colour."),
+    Pair("Write a short greeting for a letter to a friend.", "Dear friend, I hope you are well and happy."),
+    Pair("Say yes.", "Yes."),
+    Pair("Count to three.", "One, two, three."),
+    Pair("Describe the sea in a few words.", "Vast, blue and restless."),
+]
+
+
+@pytest.mark.parametrize(("n_seed", "n_syn", "alpha"), [(3, 5, 0.1), (3, 5, 0.5), (10, 1, 0.9), (1, 10, 0.0)])
+def test_weights_reproduce_the_mixture_exactly(n_seed: int, n_syn: int, alpha: float) -> None:
+    generator = torch.Generator().manual_seed(n_seed * 100 + n_syn)
+    seed_losses = torch.rand(n_seed, generator=generator, dtype=torch.float64) * 5
+    syn_losses = torch.rand(n_syn, generator=generator, dtype=torch.float64) * 5
+    w_seed, w_syn = example_weights(n_seed, n_syn, alpha)
+    weights = torch.tensor([w_seed] * n_seed + [w_syn] * n_syn, dtype=torch.float64)
+    got = weighted_loss(torch.cat([seed_losses, syn_losses]), weights)
+    expected = alpha * syn_losses.mean() + (1 - alpha) * seed_losses.mean()
+    assert abs(got.item() - expected.item()) < 1e-12
+
+
+def test_weight_edge_cases() -> None:
+    assert example_weights(4, 0, 0.7) == (1.0, 0.0)
+    assert example_weights(0, 4, 0.7) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        example_weights(1, 1, 1.5)
+
+
+def reference_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-example mean target NLL from full logits, the plain way."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].double()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    token_logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(token_logp * mask).sum(-1) / mask.sum(-1)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_trainer_loss_equals_alpha_mixture_on_a_fixed_batch(tiny_model_dir, tiny_tokenizer, tmp_path, direction):
+    alpha = 0.3
+    settings = SFTSettings(direction=direction, batch_size=8, max_length=128)
+    dataset, counts = build_dataset(weight_pairs(SEED_PAIRS, SYNTHETIC_PAIRS, alpha), tiny_tokenizer, settings)
+    assert counts["examples"] == 8
+    model = add_lora(load_model(str(tiny_model_dir), "none"), LoraSettings(r=4, alpha=8, dropout=0.0))
+    trainer = WeightedSFTTrainer(
+        model=model,
+        args=sft_config(settings, tmp_path),
+        train_dataset=dataset,
+        processing_class=tiny_tokenizer,
+        data_collator=WeightedCollator(pad_token_id=tiny_tokenizer.pad_token_id),
+    )
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    groups = batch["group"].clone()
+    model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        nll = reference_nll(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    expected = alpha * nll[groups == SYNTHETIC].mean() + (1 - alpha) * nll[groups == SEED].mean()
+    assert abs(loss.item() - expected.item()) < 1e-5
+    assert trainer._metrics["train"]["seed_loss"][-1] == pytest.approx(nll[groups == SEED].mean().item(), abs=1e-5)
+
+
+def test_4bit_lora_training_lowers_the_loss(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    settings = SFTSettings(epochs=8, batch_size=4, learning_rate=2e-2, warmup=0, scheduler="constant", max_length=64)
+    model, result = train_adapter(
+        str(tiny_model_dir), tiny_tokenizer, SEED_PAIRS[:2] + SYNTHETIC_PAIRS[:2], settings,
+        LoraSettings(r=8, alpha=16, dropout=0.0), tmp_path / "adapter", quantization="4bit",
+    )
+    losses = result.loss_values
+    assert len(losses) == 8 and result.counts["optimizer_steps"] == 8
+    assert losses[-1] < 0.25 * losses[0], losses  # seen: 9.2 -> 0.1
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "sft_result.json").is_file()
