@@ -51,7 +51,7 @@ def device_description() -> str:
 
 def provenance() -> dict[str, Any]:
     return {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "device": device_description(),
         "python": platform.python_version(),

@@ -54,6 +54,9 @@ class SFTSettings:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "data order and dropout"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "batch examples of similar length (less padding); order stays random"}
+    )
     logging_steps: int = field(default=1, metadata={"help": "optimiser steps between loss records"})
     system_seed: str | None = field(default=None, metadata={"help": "system tag for seed examples (Humpback)"})
     system_synthetic: str | None = field(default=None, metadata={"help": "system tag for synthetic examples"})
@@ -227,6 +230,20 @@ def sft_config(settings: SFTSettings, output_dir: str | Path) -> SFTConfig:
         report_to="none",
         remove_unused_columns=False,  # keep `weight` and `group` for the collator
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
+    )
+
+
+def make_trainer(
+    model, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, settings: SFTSettings, output_dir: str | Path
+) -> WeightedSFTTrainer:
+    """The weighted trainer over a dataset from `build_dataset`."""
+    return WeightedSFTTrainer(
+        model=model,
+        args=sft_config(settings, output_dir),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=WeightedCollator(pad_token_id=tokenizer.pad_token_id),
     )
 
 
@@ -243,13 +260,7 @@ def train_sft(
     """
     set_seed(settings.seed)
     dataset, counts = build_dataset(data, tokenizer, settings)
-    trainer = WeightedSFTTrainer(
-        model=model,
-        args=sft_config(settings, output_dir),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        data_collator=WeightedCollator(pad_token_id=tokenizer.pad_token_id),
-    )
+    trainer = make_trainer(model, tokenizer, dataset, settings, output_dir)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -274,7 +285,10 @@ def train_adapter(
     """
     set_seed(settings.seed)  # the LoRA initialisation is random too
     model = add_lora(load_model(base_model, quantization), lora, settings.gradient_checkpointing)
-    result = train_sft(model, tokenizer, data, settings, Path(out_dir) / "trainer")
+    trainer_dir = Path(out_dir) / "trainer"
+    result = train_sft(model, tokenizer, data, settings, trainer_dir)
+    if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):  # no checkpoints are saved: don't leave it empty
+        trainer_dir.rmdir()
     config = {"base_model": base_model, "quantization": quantization, "lora": asdict(lora), "sft": settings.to_dict()}
     save_adapter(model, tokenizer, out_dir, config)
     write_json(Path(out_dir) / "sft_result.json", result.to_dict())

@@ -24,14 +24,23 @@ def test_every_jsonl_shape(tmp_path: Path) -> None:
         {"instruction": "Say hi.", "input": "", "output": "Hi!"},
         {"instruction": "Name a colour.", "response": "Blue."},
         {"prompt": "Capital of Peru?", "completion": "Lima."},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "and 3+3?"},
+            ]
+        },
     ]
     path = write(tmp_path / "mixed.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
     pairs = data.load_pairs(path)
     assert [(p.instruction, p.response) for p in pairs] == [
-        ("Add.\n\n2 and 3", "5"), ("Say hi.", "Hi!"), ("Name a colour.", "Blue."),
-        ("Capital of Peru?", "Lima."), ("2+2?", "4"),
+        ("Add.\n\n2 and 3", "5"),
+        ("Say hi.", "Hi!"),
+        ("Name a colour.", "Blue."),
+        ("Capital of Peru?", "Lima."),
+        ("2+2?", "4"),
     ]
     assert {p.source for p in pairs} == {"mixed"}
 
@@ -53,9 +62,21 @@ def test_pool_shape_needs_opt_in(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": \n', r"bad.jsonl:2: invalid JSON"),
-        ("shape.jsonl", '{"instruction": "a", "response": "b"}\n\n{"question": "q"}\n', r"shape.jsonl:3: .*its fields: question"),
-        ("type.jsonl", '{"instruction": "a", "output": 7}\n', r"type.jsonl:1: field 'output' must be a string, got int"),
+        (
+            "bad.jsonl",
+            '{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": \n',
+            r"bad.jsonl:2: invalid JSON",
+        ),
+        (
+            "shape.jsonl",
+            '{"instruction": "a", "response": "b"}\n\n{"question": "q"}\n',
+            r"shape.jsonl:3: .*its fields: question",
+        ),
+        (
+            "type.jsonl",
+            '{"instruction": "a", "output": 7}\n',
+            r"type.jsonl:1: field 'output' must be a string, got int",
+        ),
         ("weight.jsonl", '{"instruction": "a", "output": "b", "weight": "x"}\n', r"weight.jsonl:1: field 'weight'"),
         ("chat.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', r"chat.jsonl:1: field 'messages' has no"),
         ("arr.json", '[\n {"instruction": "a", "response": "b"},\n\n {"foo": 1}\n]', r"arr.json:4: record matches no"),

@@ -26,8 +26,10 @@ def tiny_model(tiny_model_dir):
 
 
 def test_same_seed_same_outputs_and_input_order(tiny_model, tiny_tokenizer) -> None:
-    prompts = [f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n" for text in
-               ["Hi", "Write a long story about a dragon and a knight.", "Name a fruit.", "Why?"]]
+    prompts = [
+        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        for text in ["Hi", "Write a long story about a dragon and a knight.", "Name a fruit.", "Why?"]
+    ]
     settings = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7, token_budget=64)
     first = generate(tiny_model, tiny_tokenizer, prompts, settings)
     again = generate(tiny_model, tiny_tokenizer, prompts, settings)

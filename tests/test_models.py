@@ -60,7 +60,7 @@ def test_4bit_lora_on_cpu_and_adapter_round_trip(tiny_model_dir: Path, tiny_toke
 
 
 def test_load_adapter_needs_the_mainlib_config(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="mainlib_adapter.json"):
+    with pytest.raises(FileNotFoundError, match=r"mainlib_adapter\.json"):
         models.load_adapter(tmp_path)
 
 

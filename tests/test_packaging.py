@@ -21,7 +21,7 @@ def test_environment_yml_names_the_same_dependencies_as_pyproject() -> None:
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     env_requirements = {r for r in pip_section if not r.startswith("-")}
     declared = {_name(r): r for r in pyproject["dependencies"]}
-    in_env = {_name(r): r for r in env_requirements} 
+    in_env = {_name(r): r for r in env_requirements}
     assert set(in_env) - {"torch"} == set(declared)
     assert {k: v.replace(" ", "") for k, v in declared.items()} == {
         k: v.replace(" ", "") for k, v in in_env.items() if k != "torch"
@@ -34,3 +34,12 @@ def test_ci_runs_make_test() -> None:
     assert "make test" in ci and "set -euo pipefail" in ci
     readme = (REPO / "README.md").read_text()
     assert "make test" in readme and "make demo" in readme
+
+
+def test_ruff_clean() -> None:
+    import subprocess
+    import sys
+
+    for command in (["check", "."], ["format", "--check", "."]):
+        run = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout + run.stderr

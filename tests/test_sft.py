@@ -13,11 +13,9 @@ from mainlib.sft import (
     SEED,
     SYNTHETIC,
     SFTSettings,
-    WeightedCollator,
-    WeightedSFTTrainer,
     build_dataset,
     example_weights,
-    sft_config,
+    make_trainer,
     train_adapter,
     weight_pairs,
     weighted_loss,
@@ -72,13 +70,7 @@ def test_trainer_loss_equals_alpha_mixture_on_a_fixed_batch(tiny_model_dir, tiny
     dataset, counts = build_dataset(weight_pairs(SEED_PAIRS, SYNTHETIC_PAIRS, alpha), tiny_tokenizer, settings)
     assert counts["examples"] == 8
     model = add_lora(load_model(str(tiny_model_dir), "none"), LoraSettings(r=4, alpha=8, dropout=0.0))
-    trainer = WeightedSFTTrainer(
-        model=model,
-        args=sft_config(settings, tmp_path),
-        train_dataset=dataset,
-        processing_class=tiny_tokenizer,
-        data_collator=WeightedCollator(pad_token_id=tiny_tokenizer.pad_token_id),
-    )
+    trainer = make_trainer(model, tiny_tokenizer, dataset, settings, tmp_path)
     batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
     groups = batch["group"].clone()
     model.train()
@@ -92,9 +84,14 @@ def test_trainer_loss_equals_alpha_mixture_on_a_fixed_batch(tiny_model_dir, tiny
 
 def test_4bit_lora_training_lowers_the_loss(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
     settings = SFTSettings(epochs=8, batch_size=4, learning_rate=2e-2, warmup=0, scheduler="constant", max_length=64)
-    model, result = train_adapter(
-        str(tiny_model_dir), tiny_tokenizer, SEED_PAIRS[:2] + SYNTHETIC_PAIRS[:2], settings,
-        LoraSettings(r=8, alpha=16, dropout=0.0), tmp_path / "adapter", quantization="4bit",
+    _, result = train_adapter(
+        str(tiny_model_dir),
+        tiny_tokenizer,
+        SEED_PAIRS[:2] + SYNTHETIC_PAIRS[:2],
+        settings,
+        LoraSettings(r=8, alpha=16, dropout=0.0),
+        tmp_path / "adapter",
+        quantization="4bit",
     )
     losses = result.loss_values
     assert len(losses) == 8 and result.counts["optimizer_steps"] == 8
