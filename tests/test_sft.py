@@ -98,3 +98,22 @@ def test_4bit_lora_training_lowers_the_loss(tiny_model_dir: Path, tiny_tokenizer
     assert losses[-1] < 0.25 * losses[0], losses  # seen: 9.2 -> 0.1
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "sft_result.json").is_file()
+
+
+def test_gradient_accumulation_keeps_the_example_mean(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    """One step over 4 examples logs the same weighted mean as 1 x 4 or as 2 micro-batches x 2.
+
+    LoRA's B starts at zero, so before the first update every run sees the base model: the first logged
+    loss depends only on which examples the step averages, and on how the micro-batches are combined.
+    """
+    from mainlib.sft import train_sft
+
+    data = weight_pairs(SEED_PAIRS[:2], SYNTHETIC_PAIRS[:2], alpha=0.8)
+    first_losses = []
+    for batch_size, grad_accum in ((4, 1), (2, 2), (1, 4)):
+        model = add_lora(load_model(str(tiny_model_dir), "none"), LoraSettings(r=4, alpha=8, dropout=0.0))
+        settings = SFTSettings(epochs=1, batch_size=batch_size, grad_accum=grad_accum, max_length=64)
+        result = train_sft(model, tiny_tokenizer, data, settings, tmp_path / f"{batch_size}x{grad_accum}")
+        assert result.counts["optimizer_steps"] == 1
+        first_losses.append(result.loss_values[0])
+    assert max(first_losses) - min(first_losses) < 1e-5, first_losses
