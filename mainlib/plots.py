@@ -14,11 +14,15 @@ def loss_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], title: str 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], curves.items(), strict=True):
         steps = [r["step"] for r in rows]
-        ax.plot(steps, [r["loss"] for r in rows], marker="o", ms=3, label="weighted loss")
-        if any("synthetic_loss" in r for r in rows):  # mixed seed + synthetic data: show each group's loss
+        mixed = any("synthetic_loss" in r for r in rows)
+        ax.plot(steps, [r["loss"] for r in rows], marker="o", ms=3, label="α-weighted loss" if mixed else "loss")
+        if mixed:  # seed + synthetic data: each group's own (unweighted) loss too
             for key, style in (("seed_loss", "--"), ("synthetic_loss", ":")):
                 points = [(r["step"], r[key]) for r in rows if key in r]
                 ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "))
+        for r in rows[:-1]:  # a faint line where each epoch ends
+            if "epoch" in r and float(r["epoch"]).is_integer():
+                ax.axvline(r["step"] + 0.5, color="grey", lw=0.8, ls=":")
         ax.set_title(f"{title}: {name}")
         ax.set_xlabel("optimiser step")
         ax.set_ylabel("mean target NLL (nats/token)")

@@ -33,11 +33,14 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The commit of the mainlib checkout (with `+dirty` when it has uncommitted changes), if it is one."""
+    """The commit of the mainlib checkout (`+dirty` when tracked files have uncommitted changes), if any."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+        # dirty = tracked files changed; new untracked outputs (results/ of this very run) do not count
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
