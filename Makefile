@@ -7,11 +7,13 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 RUN_NAME ?= quickstart
 PYTEST_ARGS ?=
+# On a GPU box with a CUDA torch installed system-wide: make demo VENV_FLAGS=--system-site-packages
+VENV_FLAGS ?=
 
 .PHONY: setup demo test lint clean-cache bundled-data
 
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first: keep an existing torch (a GPU build), otherwise the pinned CPU wheel.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
