@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from mainlib.batching import token_budget_batches
 from mainlib.data import Pair
 from mainlib.prompts import Direction, build_prompt
 
@@ -44,18 +45,7 @@ class Generation:
 
 def plan_batches(lengths: Sequence[int], settings: GenerationSettings) -> list[list[int]]:
     """Indices grouped into batches, shortest prompts first, each within the token budget."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = lengths[i] + settings.max_new_tokens  # sorted, so the newest row is the widest
-        if current and ((len(current) + 1) * width > settings.token_budget or len(current) >= settings.max_batch_size):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    return token_budget_batches(lengths, settings.token_budget, settings.max_batch_size, settings.max_new_tokens)
 
 
 @torch.no_grad()

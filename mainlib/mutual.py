@@ -1,0 +1,379 @@
+"""MAIN: mutual-alignment rounds, synthesis, mutual filtering, and the Humpback baseline (ALGORITHMS.md §1, §3).
+
+Read top to bottom:
+1. `alpha_schedule`: α_k for round k (constant / linear / cosine).
+2. `round_update`: one EM round: the reverse model writes instructions for the seed responses and the
+   forward model trains on seed + those (weight α_k); then the forward model writes responses for the seed
+   instructions and the reverse model trains on seed + those.
+3. `synthesize`: the reverse model writes an instruction for every pool response; empty, truncated and
+   duplicate instructions are dropped, each with its reason.
+4. `score_pool` and `filter_scores`: s_f, s_r (plain or PMI-normalised), combined as λ·z(s_f) + (1−λ)·z(s_r).
+5. `select`: the top `ceil(top_fraction · n)` pairs, or those above `threshold`.
+6. `humpback_ratings`: the seed model rates each pair 1–5 (the baseline filter).
+7. `ground_truth_auc`: how well each score separates true pairs from shuffled ones.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from mainlib.data import Pair, normalize_text
+from mainlib.generate import Generation, GenerationSettings, complete_pairs, generate
+from mainlib.scoring import ScoringSettings, score_pairs
+from mainlib.sft import SFTResult, SFTSettings, train_sft, weight_pairs
+
+Schedule = Literal["constant", "linear", "cosine"]
+FilterMethod = Literal["mutual", "forward", "reverse", "humpback", "none"]
+Normalization = Literal["pmi", "none"]
+FILTER_METHODS = ("mutual", "forward", "reverse", "humpback", "none")
+SYNTHESIS_DROP_REASONS = ("empty", "truncated", "duplicate")
+
+
+@dataclass
+class MainSettings:
+    """Every open choice of MAIN, with the defaults of ALGORITHMS.md."""
+
+    rounds: int = field(default=1, metadata={"help": "K, mutual-alignment rounds"})
+    alpha_schedule: Schedule = field(default="linear", metadata={"help": "constant | linear | cosine"})
+    alpha_start: float = field(default=0.1, metadata={"help": "α in round 0 (and the constant value)"})
+    alpha_end: float = field(default=0.5, metadata={"help": "α in round K-1 (linear, cosine)"})
+    filter_method: FilterMethod = field(default="mutual", metadata={"help": "mutual|forward|reverse|humpback|none"})
+    score_normalization: Normalization = field(default="pmi", metadata={"help": "pmi | none"})
+    lam: float = field(default=0.5, metadata={"help": "λ: weight of z(s_f) in the mutual score"})
+    top_fraction: float | None = field(default=0.5, metadata={"help": "keep the best ceil(f·n); in (0, 1]"})
+    threshold: float | None = field(default=None, metadata={"help": "or keep scores >= threshold"})
+    humpback_min_rating: int = field(default=4, metadata={"help": "humpback: keep ratings >= this"})
+    final_alpha: float = field(default=0.5, metadata={"help": "α of the final SFT on seed ∪ selected"})
+    system_seed: str | None = field(default=None, metadata={"help": "system tag of seed pairs"})
+    system_synthetic: str | None = field(default=None, metadata={"help": "system tag of synthetic pairs"})
+
+    def validate(self) -> None:
+        if self.filter_method not in FILTER_METHODS:
+            raise ValueError(f"filter_method must be one of {', '.join(FILTER_METHODS)}; got {self.filter_method!r}")
+        if self.score_normalization not in ("pmi", "none"):
+            raise ValueError(f"score_normalization must be 'pmi' or 'none'; got {self.score_normalization!r}")
+        if self.alpha_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"alpha_schedule must be constant, linear or cosine; got {self.alpha_schedule!r}")
+        if self.top_fraction is None and self.threshold is None and self.filter_method not in ("humpback", "none"):
+            raise ValueError("set top_fraction (e.g. 0.5) or threshold to select pairs")
+        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1]; got {self.top_fraction} (use 1.0 to keep all)")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1]; got {self.lam}")
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0; got {self.rounds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- 1. the α schedule ---------------------------------------------------------------------------
+
+
+def alpha_schedule(kind: Schedule, start: float, end: float, rounds: int) -> list[float]:
+    """α_k for k = 0..K-1: constant = start; linear and cosine go from start (k=0) to end (k=K-1)."""
+    if rounds <= 0:
+        return []
+    if kind == "constant" or rounds == 1:
+        return [start] * rounds
+    steps = [k / (rounds - 1) for k in range(rounds)]
+    if kind == "linear":
+        return [start + (end - start) * t for t in steps]
+    if kind == "cosine":  # half a cosine: flat near both ends, steepest in the middle
+        return [end + (start - end) * (1 + math.cos(math.pi * t)) / 2 for t in steps]
+    raise ValueError(f"unknown alpha schedule {kind!r}")
+
+
+# ---- 2. one mutual-alignment round ----------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    round: int
+    alpha: float
+    forward: SFTResult
+    reverse: SFTResult
+    synthetic_instructions: int
+    synthetic_responses: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "alpha": self.alpha,
+            "forward": self.forward.to_dict(),
+            "reverse": self.reverse.to_dict(),
+            "synthetic_instructions": self.synthetic_instructions,
+            "synthetic_responses": self.synthetic_responses,
+        }
+
+
+def round_update(
+    k: int,
+    alpha: float,
+    forward_model,
+    reverse_model,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: Sequence[Pair],
+    sft: SFTSettings,
+    generation: GenerationSettings,
+    out_dir,
+    main: MainSettings,
+) -> RoundResult:
+    """Round k, in place: forward update with x̂ = p_r(y), then reverse update with ŷ = p_f(x) (§1 Step 1)."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    sampling = GenerationSettings(**{**asdict(generation), "seed": generation.seed + 1000 * k})
+    # Forward update: the reverse model writes instructions for the seed responses.
+    written = complete_pairs(reverse_model, tokenizer, "reverse", seed, sampling)
+    x_hat = [Pair(g.text, p.response, "round_synthetic") for p, g in zip(seed, written, strict=True) if _usable(g)]
+    forward_settings = SFTSettings(
+        **{
+            **sft.to_dict(),
+            "direction": "forward",
+            "system_seed": main.system_seed,
+            "system_synthetic": main.system_synthetic,
+        }
+    )
+    forward = train_sft(
+        forward_model, tokenizer, weight_pairs(seed, x_hat, alpha), forward_settings, out_dir / "forward_trainer"
+    )
+    # Reverse update: the updated forward model writes responses for the seed instructions.
+    answered = complete_pairs(forward_model, tokenizer, "forward", seed, sampling)
+    y_hat = [Pair(p.instruction, g.text, "round_synthetic") for p, g in zip(seed, answered, strict=True) if _usable(g)]
+    reverse_settings = SFTSettings(**{**forward_settings.to_dict(), "direction": "reverse"})
+    reverse = train_sft(
+        reverse_model, tokenizer, weight_pairs(seed, y_hat, alpha), reverse_settings, out_dir / "reverse_trainer"
+    )
+    return RoundResult(k, alpha, forward, reverse, len(x_hat), len(y_hat))
+
+
+def _usable(generation: Generation) -> bool:
+    return generation.finish_reason == "eos" and bool(generation.text.strip())
+
+
+# ---- 3. synthesis -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Synthesis:
+    """Synthetic pairs and, for every pool response, what happened to it."""
+
+    pairs: list[Pair]
+    rows: list[dict[str, Any]]
+    dropped: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pairs": [p.to_dict() for p in self.pairs], "rows": self.rows, "dropped": self.dropped}
+
+
+def clean_synthesis(pool: Sequence[Pair], generations: Sequence[Generation]) -> Synthesis:
+    """Keep an instruction unless it is empty, truncated (hit max_new_tokens) or a duplicate of an earlier one."""
+    seen: set[str] = set()
+    pairs, rows = [], []
+    dropped: Counter[str] = Counter()
+    for item, gen in zip(pool, generations, strict=True):
+        instruction = normalize_text(gen.text)
+        key = re.sub(r"\s+", " ", instruction).casefold()
+        reason = None
+        if not instruction:
+            reason = "empty"
+        elif gen.finish_reason == "length":
+            reason = "truncated"
+        elif key in seen:
+            reason = "duplicate"
+        rows.append(
+            {
+                "response": item.response,
+                "instruction": instruction,
+                "finish_reason": gen.finish_reason,
+                "source": item.source,
+                "dropped": reason,
+            }
+        )
+        if reason:
+            dropped[reason] += 1
+            continue
+        seen.add(key)
+        pairs.append(Pair(instruction, item.response, item.source or "synthetic"))
+    return Synthesis(pairs, rows, {r: dropped.get(r, 0) for r in SYNTHESIS_DROP_REASONS})
+
+
+def synthesize(
+    reverse_model, tokenizer: PreTrainedTokenizerBase, pool: Sequence[Pair], generation: GenerationSettings
+) -> Synthesis:
+    """The reverse model writes an instruction for every pool response (§1 Step 2)."""
+    if not pool:
+        raise ValueError("the unlabeled pool is empty: give at least one response to synthesise instructions for")
+    return clean_synthesis(pool, complete_pairs(reverse_model, tokenizer, "reverse", pool, generation))
+
+
+# ---- 4. scores ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolScores:
+    """Mean log-likelihoods of each pair: conditional and unconditional, under both models."""
+
+    forward: list[float]  # (1/|y|) Σ log p_f(y_t | x, y_<t)
+    reverse: list[float]  # (1/|x|) Σ log p_r(x_t | y, x_<t)
+    forward_unconditional: list[float]  # same with an empty instruction
+    reverse_unconditional: list[float]  # same with an empty response
+
+    def s_f(self, normalization: Normalization) -> list[float]:
+        if normalization == "none":
+            return list(self.forward)
+        return [a - b for a, b in zip(self.forward, self.forward_unconditional, strict=True)]
+
+    def s_r(self, normalization: Normalization) -> list[float]:
+        if normalization == "none":
+            return list(self.reverse)
+        return [a - b for a, b in zip(self.reverse, self.reverse_unconditional, strict=True)]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return asdict(self)
+
+
+def score_pool(
+    forward_model,
+    reverse_model,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    scoring: ScoringSettings | None = None,
+    system: str | None = None,
+) -> PoolScores:
+    """Both models' length-normalised likelihoods of each pair, with and without their condition (§1 Step 3)."""
+
+    def means(model, direction, unconditional):
+        return [s.mean for s in score_pairs(model, tokenizer, direction, pairs, scoring, system, unconditional)]
+
+    return PoolScores(
+        forward=means(forward_model, "forward", False),
+        reverse=means(reverse_model, "reverse", False),
+        forward_unconditional=means(forward_model, "forward", True),
+        reverse_unconditional=means(reverse_model, "reverse", True),
+    )
+
+
+def zscore(values: Sequence[float]) -> list[float]:
+    """(v − mean) / std over the pool (population std); all zeros when the values are constant."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return [0.0] * n if std == 0 else [(v - mean) / std for v in values]
+
+
+def filter_scores(scores: PoolScores, method: FilterMethod, normalization: Normalization, lam: float) -> list[float]:
+    """The score each filter ranks by: mutual = λ·z(s_f) + (1−λ)·z(s_r); forward = s_f; reverse = s_r."""
+    if method == "forward":
+        return scores.s_f(normalization)
+    if method == "reverse":
+        return scores.s_r(normalization)
+    if method == "mutual":
+        zf, zr = zscore(scores.s_f(normalization)), zscore(scores.s_r(normalization))
+        return [lam * a + (1 - lam) * b for a, b in zip(zf, zr, strict=True)]
+    raise ValueError(f"filter_scores covers mutual, forward and reverse; got {method!r}")
+
+
+# ---- 5. selection ---------------------------------------------------------------------------------------
+
+
+def select(scores: Sequence[float], top_fraction: float | None = None, threshold: float | None = None) -> list[int]:
+    """Indices kept, best first: exactly ceil(top_fraction · n) of them, or all with score >= threshold."""
+    if (top_fraction is None) == (threshold is None):
+        raise ValueError("select needs exactly one of top_fraction and threshold")
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    if top_fraction is not None:
+        if not 0.0 < top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1]; got {top_fraction}")
+        return order[: math.ceil(top_fraction * len(scores))]
+    return [i for i in order if scores[i] >= threshold]
+
+
+# ---- 6. the Humpback baseline: self-curation by a 5-point rating -------------------------------------------
+
+# Our own wording of a 5-point quality rubric in the spirit of Humpback's self-curation prompt.
+RATING_PROMPT = """Rate how well the answer below serves as a helpful AI assistant's reply to the instruction.
+
+Instruction:
+{instruction}
+
+Answer:
+{response}
+
+Use this scale:
+1 - The answer is unrelated to the instruction, empty, or unusable.
+2 - The answer touches the topic but misses most of what was asked.
+3 - The answer is relevant and partly helpful, but incomplete, off in tone, or padded with unrelated text.
+4 - The answer addresses the instruction fully and clearly, written as an assistant would.
+5 - The answer is excellent: complete, accurate, focused, and well organised.
+
+Reply with "Score: " followed by a single number from 1 to 5."""
+
+
+def parse_rating(text: str) -> int | None:
+    """The 1–5 rating in a model's reply ('Score: 4', 'I would give it 4/5', '4'); None when there is none."""
+    match = re.search(r"score\s*[:=]?\s*([1-5])\b", text, flags=re.IGNORECASE)
+    if match is None:
+        match = re.search(r"(?<![\d.])([1-5])(?:\s*/\s*5)?(?![\d.])", text)
+    return int(match.group(1)) if match else None
+
+
+def humpback_ratings(
+    model, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], generation: GenerationSettings
+) -> list[int | None]:
+    """The seed-trained model's 1–5 rating of each pair (None where its reply holds no rating)."""
+    from mainlib.prompts import build_prompt
+
+    prompts = [
+        build_prompt(tokenizer, "forward", RATING_PROMPT.format(instruction=p.instruction, response=p.response))
+        for p in pairs
+    ]
+    return [parse_rating(g.text) for g in generate(model, tokenizer, prompts, generation, desc="humpback rating")]
+
+
+# ---- 7. ground truth: true pairs vs shuffled pairs ----------------------------------------------------------
+
+
+def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """P(score of a random positive > score of a random negative), ties counting half (Mann–Whitney)."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def shuffled_pairs(pairs: Sequence[Pair], seed: int) -> list[Pair]:
+    """Each response with another pair's instruction (a derangement: no pair keeps its own)."""
+    rng = random.Random(seed)
+    order = list(range(len(pairs)))
+    while any(i == j for i, j in enumerate(order)):
+        rng.shuffle(order)
+    return [Pair(pairs[j].instruction, p.response, "shuffled") for p, j in zip(pairs, order, strict=True)]
+
+
+def ground_truth_auc(
+    forward_model,
+    reverse_model,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    lam: float = 0.5,
+    seed: int = 0,
+    scoring: ScoringSettings | None = None,
+) -> dict[str, float]:
+    """Pooled ROC-AUC of true vs shuffled pairs for forward, reverse and mutual scores, pmi and none."""
+    pooled = list(pairs) + shuffled_pairs(pairs, seed)
+    scores = score_pool(forward_model, reverse_model, tokenizer, pooled, scoring)
+    n = len(pairs)
+    result = {}
+    for normalization in ("pmi", "none"):
+        for method in ("forward", "reverse", "mutual"):
+            values = filter_scores(scores, method, normalization, lam)
+            result[f"{method}_{normalization}"] = roc_auc(values[:n], values[n:])
+    return result

@@ -1,0 +1,117 @@
+"""Likelihood scoring: per-token log p(target | prompt) and its length-normalised mean, batched.
+
+Pairs are tokenised exactly as in training (`prompts.encode`), sorted by length and batched under a token
+budget. The LM head is applied only at the positions that predict target tokens, in chunks, so the
+(batch, length, vocabulary) logits tensor is never built: memory is O(target tokens x vocabulary / chunks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from mainlib.batching import token_budget_batches
+from mainlib.data import Pair
+from mainlib.prompts import Direction, Encoded, encode
+
+
+@dataclass
+class ScoringSettings:
+    token_budget: int = field(default=8192, metadata={"help": "rows x longest length per forward pass"})
+    max_batch_size: int = field(default=64, metadata={"help": "rows per forward pass at most"})
+    head_chunk: int = field(default=1024, metadata={"help": "target positions per LM-head chunk"})
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """log p of each target token, in order (EOS included when the target has it)."""
+
+    logprobs: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        """Length-normalised log-likelihood (nats per token)."""
+        return sum(self.logprobs) / max(1, len(self.logprobs))
+
+
+def _backbone_and_head(model):
+    """The transformer body (LoRA layers included) and the output projection of a causal LM or PeftModel."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
+
+
+@torch.no_grad()
+def score_encoded(
+    model, examples: Sequence[Encoded], settings: ScoringSettings | None = None, desc: str = "scoring"
+) -> list[TargetScore]:
+    """Score already-encoded examples; results in input order."""
+    settings = settings or ScoringSettings()
+    if not examples:
+        return []
+    backbone, head = _backbone_and_head(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[TargetScore | None] = [None] * len(examples)
+    batches = token_budget_batches([len(e.input_ids) for e in examples], settings.token_budget, settings.max_batch_size)
+    with tqdm(total=len(examples), desc=desc, unit="pair") as bar:
+        for batch in batches:
+            width = max(len(examples[i].input_ids) for i in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+            mask = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long, device=device)
+            for row, i in enumerate(batch):  # right padding: positions of real tokens stay 0..n-1
+                n = len(examples[i].input_ids)
+                ids[row, :n] = torch.tensor(examples[i].input_ids)
+                mask[row, :n] = 1
+                labels[row, :n] = torch.tensor(examples[i].labels)
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            # The state at position t predicts token t+1: keep the states whose next token is a target.
+            targets = labels[:, 1:]
+            keep = targets != -100
+            states, wanted = hidden[:, :-1][keep], targets[keep]
+            token_logp = (
+                torch.cat(
+                    [
+                        torch.log_softmax(head(states[s : s + settings.head_chunk]).float(), dim=-1)
+                        .gather(-1, wanted[s : s + settings.head_chunk, None])
+                        .squeeze(-1)
+                        for s in range(0, len(wanted), settings.head_chunk)
+                    ]
+                )
+                if len(wanted)
+                else torch.zeros(0, device=device)
+            )
+            counts = keep.sum(1).tolist()
+            offset = 0
+            for row, i in enumerate(batch):
+                results[i] = TargetScore(tuple(token_logp[offset : offset + counts[row]].tolist()))
+                offset += counts[row]
+            bar.update(len(batch))
+    model.train(was_training)
+    return [r for r in results if r is not None]
+
+
+def score_pairs(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    direction: Direction,
+    pairs: Sequence[Pair],
+    settings: ScoringSettings | None = None,
+    system: str | None = None,
+    unconditional: bool = False,
+) -> list[TargetScore]:
+    """log p_f(y | x) (forward) or log p_r(x | y) (reverse) for each pair.
+
+    `unconditional=True` empties the conditioning side (the instruction for forward, the response in the
+    reverse template) to get log p(target | ∅), the baseline that PMI normalisation subtracts.
+    """
+    if unconditional:  # blank the conditioning side; the target side is untouched
+        pairs = [replace(p, instruction="") if direction == "forward" else replace(p, response="") for p in pairs]
+    examples = [encode(tokenizer, direction, p.instruction, p.response, system) for p in pairs]
+    label = f"{direction} scoring" + (" (unconditional)" if unconditional else "")
+    return score_encoded(model, examples, settings, desc=label)
