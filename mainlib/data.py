@@ -287,14 +287,17 @@ def load_bundled(name: str) -> list[Pair]:
     return load_pairs(bundled_path(BUNDLED_FILES[name]), allow_missing_instruction=(name == "unlabeled"))
 
 
-def load_source(spec: str) -> list[Pair]:
-    """Pairs from a data spec: `bundled:<split>`, `hf:<dataset_id>[@<split>]` (hub), or a file path."""
+def load_source(spec: str, allow_missing_instruction: bool = False) -> list[Pair]:
+    """Pairs from a data spec: `bundled:<split>`, `hf:<dataset_id>[@<split>]` (hub), or a file path.
+
+    `allow_missing_instruction` reads unlabeled pools (records with a `response` only).
+    """
     if spec.startswith("bundled:"):
         return load_bundled(spec.removeprefix("bundled:"))
     if spec.startswith("hf:"):
         dataset_id, _, split = spec.removeprefix("hf:").partition("@")
         return load_hub_pairs(dataset_id, split or "train")
-    return load_pairs(spec)
+    return load_pairs(spec, allow_missing_instruction=allow_missing_instruction)
 
 
 def sample_pairs(pairs: list[Pair], n: int | None, seed: int) -> tuple[list[Pair], list[Pair]]:
