@@ -24,12 +24,18 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The quickstart: notebook 01 on the bundled SmolLM2-135M model and bundled data (CPU is fine).
-# The executed notebook goes to runs/ (git-ignored); its JSON and figures to results/$(RUN_NAME)/.
+# The quickstart on the bundled SmolLM2-135M model and bundled data (CPU is fine): MAIN end to end.
+# 01 trains the seed models (stage init_sft), 02 runs the mutual-alignment round and the synthesis,
+# 03 filters, trains the final model and checks the scorer; each resumes the stages of the one before.
+# Executed notebooks and adapters go to runs/ (git-ignored); JSON and figures to results/$(RUN_NAME)/.
+QUICKSTART := 01_forward_reverse 02_synthesize 03_mutual_filter
 demo: setup
 	@mkdir -p runs/$(RUN_NAME)
-	$(VENV)/bin/papermill --cwd notebooks notebooks/01_forward_reverse.ipynb \
-	    runs/$(RUN_NAME)/01_forward_reverse.ipynb -p run_name $(RUN_NAME)
+	@for nb in $(QUICKSTART); do \
+	    echo "== $$nb"; \
+	    $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb runs/$(RUN_NAME)/$$nb.ipynb \
+	        -p run_name $(RUN_NAME) || exit 1; \
+	done
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

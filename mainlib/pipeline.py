@@ -66,12 +66,80 @@ class PipelineConfig:
     rating: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=12, temperature=0.0))
     scoring: ScoringSettings = field(default_factory=ScoringSettings)
 
+    @classmethod
+    def from_params(cls, **params: Any) -> PipelineConfig:
+        """Build the config from the flat parameters of a notebook's `parameters` cell (see FLAT_PARAMETERS)."""
+        unknown = sorted(set(params) - set(FLAT_PARAMETERS))
+        if unknown:
+            raise TypeError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(FLAT_PARAMETERS)}")
+        config = cls()
+        for name, value in params.items():
+            target, attribute = FLAT_PARAMETERS[name]
+            setattr(config if target is None else getattr(config, target), attribute, value)
+        # the batch size and sequence length are shared by every SFT of the run
+        for sft in (config.sft, config.round_sft):
+            sft.batch_size, sft.max_length, sft.seed = config.sft.batch_size, config.max_length, config.seed
+        return config
+
     def identity(self) -> dict[str, Any]:
         """What a run directory is tied to: another model or data needs another run_name."""
         return {"model": self.model, "seed_data": self.seed_data, "pool_data": self.pool_data}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# flat notebook parameter -> (sub-config attribute or None for the top level, field)
+FLAT_PARAMETERS: dict[str, tuple[str | None, str]] = {
+    **{
+        k: (None, k)
+        for k in (
+            "run_name",
+            "runs_dir",
+            "model",
+            "quantization",
+            "seed_data",
+            "pool_data",
+            "n_seed",
+            "n_pool",
+            "max_length",
+            "seed",
+        )
+    },
+    "lora_r": ("lora", "r"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+    "learning_rate": ("sft", "learning_rate"),
+    "epochs": ("sft", "epochs"),
+    "batch_size": ("sft", "batch_size"),
+    "round_learning_rate": ("round_sft", "learning_rate"),
+    "round_epochs": ("round_sft", "epochs"),
+    **{
+        k: ("main", k)
+        for k in (
+            "rounds",
+            "alpha_schedule",
+            "alpha_start",
+            "alpha_end",
+            "filter_method",
+            "score_normalization",
+            "lam",
+            "top_fraction",
+            "threshold",
+            "humpback_min_rating",
+            "final_alpha",
+        )
+    },
+    "round_max_new_tokens": ("round_generation", "max_new_tokens"),
+    "synthesis_max_new_tokens": ("synthesis", "max_new_tokens"),
+    "synthesis_temperature": ("synthesis", "temperature"),
+    "synthesis_top_p": ("synthesis", "top_p"),
+}
+
+
+def pick_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline parameters among a notebook's variables (`pick_parameters(globals())`)."""
+    return {name: namespace[name] for name in FLAT_PARAMETERS if name in namespace}
 
 
 @dataclass

@@ -40,3 +40,49 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
     for path in paths:
         fig.savefig(path, dpi=150, bbox_inches="tight")
     return paths
+
+
+def score_histograms(scores: Mapping[str, Sequence[float]], kept: Sequence[int]) -> Figure:
+    """One histogram per score (e.g. s_f, s_r, combined), kept and dropped pairs stacked in two colours."""
+    kept_set = set(kept)
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], scores.items(), strict=True):
+        kept_values = [v for i, v in enumerate(values) if i in kept_set]
+        dropped_values = [v for i, v in enumerate(values) if i not in kept_set]
+        ax.hist(
+            [kept_values, dropped_values],
+            bins=15,
+            stacked=True,
+            label=["kept", "dropped"],
+            color=["tab:green", "tab:grey"],
+        )
+        ax.set_title(name)
+        ax.set_xlabel("score")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("pairs")
+    fig.tight_layout()
+    return fig
+
+
+def score_scatter(
+    z_forward: Sequence[float], z_reverse: Sequence[float], kept: Sequence[int], lam: float, cutoff: float | None
+) -> Figure:
+    """z(s_f) against z(s_r), kept pairs in colour; the line λ·z_f + (1−λ)·z_r = cutoff is the selection boundary."""
+    kept_set = set(kept)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    for chosen, colour, label in ((True, "tab:green", "kept"), (False, "tab:grey", "dropped")):
+        points = [
+            (f, r) for i, (f, r) in enumerate(zip(z_forward, z_reverse, strict=True)) if (i in kept_set) == chosen
+        ]
+        if points:
+            ax.scatter(*zip(*points, strict=True), s=14, color=colour, label=label, alpha=0.8)
+    if cutoff is not None and 0 < lam < 1:
+        xs = [min(z_forward) - 0.3, max(z_forward) + 0.3]
+        ax.plot(xs, [(cutoff - lam * x) / (1 - lam) for x in xs], "k--", lw=1, label=f"λ={lam:g} boundary")
+        ax.set_ylim(min(z_reverse) - 0.5, max(z_reverse) + 0.5)
+    ax.set_xlabel("z(s_f): instruction explains the response")
+    ax.set_ylabel("z(s_r): response implies the instruction")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -9,10 +9,13 @@ import nbformat
 import papermill as pm
 import pytest
 
+from mainlib import data
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def run_notebook(name: str, out_dir: Path, **parameters) -> Path:
+def run_notebook(name: str, out_dir: Path, **parameters) -> dict:
+    """Execute a notebook; fail on any error output; return its executed cells."""
     output = out_dir / name
     pm.execute_notebook(
         str(NOTEBOOKS / name),
@@ -22,7 +25,35 @@ def run_notebook(name: str, out_dir: Path, **parameters) -> Path:
         kernel_name="python3",
         progress_bar=False,
     )
-    return output
+    executed = nbformat.read(output, as_version=4)
+    assert not [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    return executed
+
+
+@pytest.fixture()
+def tiny_params(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> dict:
+    """Tiny-model parameters; the pool is the seed responses, which the reverse model learns to end (EOS)."""
+    seed_all, _ = data.clean_pairs(data.load_source("bundled:seed"), tiny_tokenizer, 160)
+    seed, _ = data.sample_pairs(seed_all, 4, 0)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"response": p.response}) + "\n" for p in seed))
+    return dict(
+        run_name="tiny",
+        model=str(tiny_model_dir),
+        pool_data=str(pool),
+        n_seed=4,
+        n_pool=None,
+        max_length=160,
+        lora_dropout=0.0,
+        learning_rate=0.02,
+        epochs=8.0,
+        batch_size=4,
+        round_learning_rate=1e-4,
+        round_max_new_tokens=160,
+        synthesis_max_new_tokens=160,
+        runs_dir=str(tmp_path / "runs"),
+        results_dir=str(tmp_path / "results"),
+    )
 
 
 def test_every_notebook_has_a_parameters_cell() -> None:
@@ -34,40 +65,42 @@ def test_every_notebook_has_a_parameters_cell() -> None:
 
 
 @pytest.mark.slow
-def test_notebook_01_forward_reverse(tiny_model_dir: Path, tmp_path: Path) -> None:
-    output = run_notebook(
-        "01_forward_reverse.ipynb",
-        tmp_path,
-        run_name="tiny",
-        model=str(tiny_model_dir),
-        n_seed=4,
-        n_show=2,
-        epochs=8.0,
-        batch_size=4,
-        learning_rate=0.02,
-        lora_dropout=0.0,
-        max_length=128,
-        max_new_tokens=8,
-        results_dir=str(tmp_path / "results"),
-        output_dir=str(tmp_path / "runs"),
-    )
+def test_notebook_01_forward_reverse(tiny_params: dict, tmp_path: Path) -> None:
+    run_notebook("01_forward_reverse.ipynb", tmp_path, **tiny_params)
     record = json.loads((tmp_path / "results" / "tiny" / "01_forward_reverse.json").read_text())
     assert {"config", "counts", "losses", "loss_summary", "timings", "generations", "provenance"} <= set(record)
     assert record["config"]["n_seed"] == 4 and record["counts"]["train_pairs"] == 4
-    assert record["counts"]["clean"]["total"] == 200 and set(record["counts"]["clean"]["dropped"]) == {
-        "empty_instruction",
-        "empty_response",
-        "duplicate",
-        "too_long",
-    }
+    assert record["counts"]["clean"]["total"] == 200
+    assert set(record["counts"]["clean"]["dropped"]) == {"empty_instruction", "empty_response", "duplicate", "too_long"}
     for direction in ("forward", "reverse"):
-        losses = [row["loss"] for row in record["losses"][direction]]
-        assert len(losses) == 8
+        assert len(record["losses"][direction]) == 8
         summary = record["loss_summary"][direction]
-        assert summary["last_quarter_mean"] < summary["first_quarter_mean"], losses
-        assert len(record["generations"][direction]) == 2
+        assert summary["last_quarter_mean"] < summary["first_quarter_mean"], record["losses"][direction]
+        assert len(record["generations"][direction]) == 3
     assert record["provenance"]["versions"]["trl"] != "not installed"
     assert (tmp_path / "results" / "tiny" / "figures" / "01_loss_curves.png").stat().st_size > 10_000
-    assert (tmp_path / "runs" / "tiny" / "reverse" / "adapter_model.safetensors").is_file()
-    executed = nbformat.read(output, as_version=4)
-    assert not [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert (tmp_path / "runs" / "tiny" / "init_sft" / "reverse" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_notebooks_02_then_03_resume(tiny_params: dict, tmp_path: Path) -> None:
+    run_notebook("02_synthesize.ipynb", tmp_path, **tiny_params)
+    synth = json.loads((tmp_path / "results" / "tiny" / "02_synthesize.json").read_text())
+    assert synth["alphas"] == [0.1]
+    counts = synth["counts"]["synthesis"]
+    assert counts["pool"] == 4 and counts["kept"] + sum(counts["dropped"].values()) == 4
+    assert synth["losses"]["round 0 forward"] and len(synth["examples"]) == 4
+    init_manifest = (tmp_path / "runs" / "tiny" / "init_sft" / "manifest.json").stat().st_mtime_ns
+
+    executed = run_notebook("03_mutual_filter.ipynb", tmp_path, n_auc=4, **tiny_params)
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "stages computed now: ['score', 'select', 'final_sft']" in text  # 02's stages were reused
+    assert (tmp_path / "runs" / "tiny" / "init_sft" / "manifest.json").stat().st_mtime_ns == init_manifest
+    record = json.loads((tmp_path / "results" / "tiny" / "03_mutual_filter.json").read_text())
+    assert len(record["scores"]["s_f"]) == counts["kept"] and len(record["scores"]["kept"]) >= 1
+    assert record["counts"]["select"]["selected"] == len(record["scores"]["kept"])
+    auc = record["ground_truth_auc"]
+    assert auc["n_pairs"] == 4 and all(0.0 <= auc[k] <= 1.0 for k in auc if k != "n_pairs")
+    assert record["final_losses"]
+    for name in ("03_score_histograms", "03_score_scatter", "03_final_sft_loss", "02_round_losses"):
+        assert (tmp_path / "results" / "tiny" / "figures" / f"{name}.png").is_file()
