@@ -21,6 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -124,12 +125,10 @@ def round_update(
     seed: Sequence[Pair],
     sft: SFTSettings,
     generation: GenerationSettings,
-    out_dir,
+    out_dir: str | Path,
     main: MainSettings,
 ) -> RoundResult:
     """Round k, in place: forward update with x̂ = p_r(y), then reverse update with ŷ = p_f(x) (§1 Step 1)."""
-    from pathlib import Path
-
     out_dir = Path(out_dir)
     sampling = GenerationSettings(**{**asdict(generation), "seed": generation.seed + 1000 * k})
     # Forward update: the reverse model writes instructions for the seed responses.

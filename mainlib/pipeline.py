@@ -10,6 +10,7 @@ every filter method starts from the same point.
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class PipelineConfig:
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
     sft: SFTSettings = field(default_factory=lambda: SFTSettings(learning_rate=1e-3, epochs=2.0, max_length=256))
     round_sft: SFTSettings = field(default_factory=lambda: SFTSettings(learning_rate=5e-4, epochs=1.0, max_length=256))
+    final_sft: SFTSettings = field(default_factory=lambda: SFTSettings(learning_rate=1e-3, epochs=1.0, max_length=256))
     main: MainSettings = field(default_factory=MainSettings)
     round_generation: GenerationSettings = field(
         default_factory=lambda: GenerationSettings(max_new_tokens=96, temperature=0.7, top_p=0.9)
@@ -77,7 +79,7 @@ class PipelineConfig:
             target, attribute = FLAT_PARAMETERS[name]
             setattr(config if target is None else getattr(config, target), attribute, value)
         # the batch size and sequence length are shared by every SFT of the run
-        for sft in (config.sft, config.round_sft):
+        for sft in (config.sft, config.round_sft, config.final_sft):
             sft.batch_size, sft.max_length, sft.seed = config.sft.batch_size, config.max_length, config.seed
         return config
 
@@ -112,6 +114,8 @@ FLAT_PARAMETERS: dict[str, tuple[str | None, str]] = {
     "learning_rate": ("sft", "learning_rate"),
     "epochs": ("sft", "epochs"),
     "batch_size": ("sft", "batch_size"),
+    "final_learning_rate": ("final_sft", "learning_rate"),
+    "final_epochs": ("final_sft", "epochs"),
     "round_learning_rate": ("round_sft", "learning_rate"),
     "round_epochs": ("round_sft", "epochs"),
     **{
@@ -387,9 +391,11 @@ def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = Fal
 
     # -- final_sft: a fresh forward adapter on seed ∪ selected, α-weighted (Step 4)
     def do_final(out: Path) -> dict[str, Any]:
+        models.clear()  # the aligned models are done: free their memory before loading the base again
+        gc.collect()
         settings = SFTSettings(
             **{
-                **config.sft.to_dict(),
+                **config.final_sft.to_dict(),
                 "direction": "forward",
                 "seed": config.seed,
                 "max_length": config.max_length,
@@ -411,7 +417,7 @@ def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = Fal
 
     stage = run.stage(
         "final_sft",
-        {"sft": config.sft.to_dict(), "final_alpha": config.main.final_alpha, "lora": asdict(config.lora)},
+        {"sft": config.final_sft.to_dict(), "final_alpha": config.main.final_alpha, "lora": asdict(config.lora)},
         {"seed": seed_fp, "selected": chosen.fingerprint},
         do_final,
     )

@@ -264,6 +264,9 @@ def train_sft(
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    output = Path(output_dir)
+    if output.is_dir() and not any(output.iterdir()):  # TRL makes it, but no checkpoint is saved there
+        output.rmdir()
     keep = ("step", "epoch", "loss", "learning_rate", "seed_loss", "synthetic_loss", "mean_token_accuracy")
     losses = [{k: float(row[k]) for k in keep if k in row} for row in trainer.state.log_history if "loss" in row]
     counts = {**counts, "optimizer_steps": int(trainer.state.global_step)}
@@ -285,10 +288,7 @@ def train_adapter(
     """
     set_seed(settings.seed)  # the LoRA initialisation is random too
     model = add_lora(load_model(base_model, quantization), lora, settings.gradient_checkpointing)
-    trainer_dir = Path(out_dir) / "trainer"
-    result = train_sft(model, tokenizer, data, settings, trainer_dir)
-    if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):  # no checkpoints are saved: don't leave it empty
-        trainer_dir.rmdir()
+    result = train_sft(model, tokenizer, data, settings, Path(out_dir) / "trainer")
     config = {"base_model": base_model, "quantization": quantization, "lora": asdict(lora), "sft": settings.to_dict()}
     save_adapter(model, tokenizer, out_dir, config)
     write_json(Path(out_dir) / "sft_result.json", result.to_dict())
