@@ -132,6 +132,8 @@ FLAT_PARAMETERS: dict[str, tuple[str | None, str]] = {
             "threshold",
             "humpback_min_rating",
             "final_alpha",
+            "system_seed",
+            "system_synthetic",
         )
     },
     "round_max_new_tokens": ("round_generation", "max_new_tokens"),

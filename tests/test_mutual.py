@@ -140,3 +140,11 @@ def test_ground_truth_auc_with_the_bundled_model() -> None:
     assert set(auc) == {f"{m}_{n}" for m in ("forward", "reverse", "mutual") for n in ("pmi", "none")}
     assert auc["mutual_pmi"] >= 0.9  # measured 0.969
     assert auc["mutual_pmi"] > auc["mutual_none"]  # measured 0.714
+
+
+def test_rating_rubric_is_documented_verbatim() -> None:
+    from pathlib import Path
+
+    from mainlib.mutual import RATING_PROMPT
+
+    assert RATING_PROMPT in (Path(__file__).resolve().parents[1] / "docs" / "ALGORITHMS.md").read_text()
