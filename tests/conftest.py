@@ -28,3 +28,21 @@ def tiny_tokenizer(tiny_model_dir: Path):
     from mainlib.models import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture()
+def tiny_pool(tiny_tokenizer, tmp_path: Path) -> Path:
+    """An unlabeled pool made of the responses of the 4 seed pairs the tiny-model runs sample (n_seed=4, seed 0).
+
+    The tiny reverse model learns those 4 pairs by heart, so for these responses it writes an instruction
+    and stops (EOS) instead of rambling to max_new_tokens, and synthesis keeps some pairs.
+    """
+    import json
+
+    from mainlib import data
+
+    seed_all, _ = data.clean_pairs(data.load_source("bundled:seed"), tiny_tokenizer, 160)
+    seed, _ = data.sample_pairs(seed_all, 4, 0)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"response": p.response}) + "\n" for p in seed))
+    return pool

@@ -9,8 +9,6 @@ import nbformat
 import papermill as pm
 import pytest
 
-from mainlib import data
-
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
@@ -31,16 +29,12 @@ def run_notebook(name: str, out_dir: Path, **parameters) -> dict:
 
 
 @pytest.fixture()
-def tiny_params(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> dict:
-    """Tiny-model parameters; the pool is the seed responses, which the reverse model learns to end (EOS)."""
-    seed_all, _ = data.clean_pairs(data.load_source("bundled:seed"), tiny_tokenizer, 160)
-    seed, _ = data.sample_pairs(seed_all, 4, 0)
-    pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"response": p.response}) + "\n" for p in seed))
+def tiny_params(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> dict:
+    """Tiny-model parameters for notebooks 01-03 (the pool: see `tiny_pool`)."""
     return dict(
         run_name="tiny",
         model=str(tiny_model_dir),
-        pool_data=str(pool),
+        pool_data=str(tiny_pool),
         n_seed=4,
         n_pool=None,
         max_length=160,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
-from mainlib import data
 from mainlib.generate import GenerationSettings
 from mainlib.models import LoraSettings
 from mainlib.mutual import MainSettings
@@ -18,17 +16,13 @@ from mainlib.stages import RunMismatchError
 
 
 @pytest.fixture()
-def config(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> PipelineConfig:
-    """Four seed pairs, learned by heart; the pool is their responses, so the reverse model can stop (EOS)."""
-    seed_all, _ = data.clean_pairs(data.load_source("bundled:seed"), tiny_tokenizer, 160)
-    seed, _ = data.sample_pairs(seed_all, 4, 0)
-    pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(json.dumps({"response": p.response}) + "\n" for p in seed))
+def config(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> PipelineConfig:
+    """Four seed pairs, learned by heart (see `tiny_pool`), and a round that barely moves the models."""
     return PipelineConfig(
         run_name="tiny",
         runs_dir=str(tmp_path / "runs"),
         model=str(tiny_model_dir),
-        pool_data=str(pool),
+        pool_data=str(tiny_pool),
         n_seed=4,
         n_pool=None,
         max_length=160,
