@@ -7,7 +7,7 @@ budget. The LM head is applied only at the positions that predict target tokens,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -38,25 +38,21 @@ class TargetScore:
         return sum(self.logprobs) / max(1, len(self.logprobs))
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
     """The transformer body (LoRA layers included) and the output projection of a causal LM or PeftModel."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
 
 
 @torch.no_grad()
-def score_encoded(
-    model, examples: Sequence[Encoded], settings: ScoringSettings | None = None, desc: str = "scoring"
-) -> list[TargetScore]:
-    """Score already-encoded examples; results in input order."""
+def target_states(
+    model, examples: Sequence[Encoded], settings: ScoringSettings | None = None, desc: str = "encoding"
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """For each example (in batches, not in input order): (index, hidden states that predict its target
+    tokens (n_target, d), those target token ids (n_target,)). The LM head is left to the caller."""
     settings = settings or ScoringSettings()
-    if not examples:
-        return []
-    backbone, head = _backbone_and_head(model)
+    backbone, _ = backbone_and_head(model)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    results: list[TargetScore | None] = [None] * len(examples)
     batches = token_budget_batches([len(e.input_ids) for e in examples], settings.token_budget, settings.max_batch_size)
     with tqdm(total=len(examples), desc=desc, unit="pair") as bar:
         for batch in batches:
@@ -72,26 +68,36 @@ def score_encoded(
             hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
             # The state at position t predicts token t+1: keep the states whose next token is a target.
             targets = labels[:, 1:]
-            keep = targets != -100
-            states, wanted = hidden[:, :-1][keep], targets[keep]
-            token_logp = (
-                torch.cat(
-                    [
-                        torch.log_softmax(head(states[s : s + settings.head_chunk]).float(), dim=-1)
-                        .gather(-1, wanted[s : s + settings.head_chunk, None])
-                        .squeeze(-1)
-                        for s in range(0, len(wanted), settings.head_chunk)
-                    ]
-                )
-                if len(wanted)
-                else torch.zeros(0, device=device)
-            )
-            counts = keep.sum(1).tolist()
-            offset = 0
             for row, i in enumerate(batch):
-                results[i] = TargetScore(tuple(token_logp[offset : offset + counts[row]].tolist()))
-                offset += counts[row]
+                keep = targets[row] != -100
+                yield i, hidden[row, :-1][keep], targets[row][keep]
             bar.update(len(batch))
+
+
+def chunked_log_softmax(head, states: torch.Tensor, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, log-softmax over the vocabulary in fp32) for `chunk` positions at a time."""
+    for start in range(0, len(states), chunk):
+        yield start, torch.log_softmax(head(states[start : start + chunk]).float(), dim=-1)
+
+
+@torch.no_grad()
+def score_encoded(
+    model, examples: Sequence[Encoded], settings: ScoringSettings | None = None, desc: str = "scoring"
+) -> list[TargetScore]:
+    """Score already-encoded examples; results in input order."""
+    settings = settings or ScoringSettings()
+    if not examples:
+        return []
+    _, head = backbone_and_head(model)
+    was_training = model.training
+    model.eval()
+    results: list[TargetScore | None] = [None] * len(examples)
+    for i, states, wanted in target_states(model, examples, settings, desc):
+        parts = [
+            logp.gather(-1, wanted[start : start + len(logp), None]).squeeze(-1)
+            for start, logp in chunked_log_softmax(head, states, settings.head_chunk)
+        ]
+        results[i] = TargetScore(tuple(torch.cat(parts).tolist()) if parts else ())
     model.train(was_training)
     return [r for r in results if r is not None]
 
