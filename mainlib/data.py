@@ -54,7 +54,8 @@ class Pair:
 # --------------------------------------------------------------------------------------------------
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded record) for each non-blank line; invalid JSON is an error naming file:line."""
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -100,7 +101,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    readers = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records}
+    readers = {".jsonl": jsonl_records, ".json": _json_records, ".csv": _csv_records}
     suffix = path.suffix.lower()
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
@@ -310,4 +311,4 @@ def sample_pairs(pairs: list[Pair], n: int | None, seed: int) -> tuple[list[Pair
 
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Raw records of a JSONL file (for files that are not pairs, e.g. complex instructions, eval sets)."""
-    return [record for _, record in _jsonl_records(Path(path))]
+    return [record for _, record in jsonl_records(Path(path))]

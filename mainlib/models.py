@@ -213,23 +213,36 @@ def is_quantized(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
 
 
-def add_lora(model: PreTrainedModel, lora: LoraSettings, gradient_checkpointing: bool = False):
-    """Wrap `model` with a fresh trainable LoRA adapter (and k-bit training preparation when 4-bit)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_config(lora: LoraSettings):
+    """The peft LoraConfig for `lora` (causal LM)."""
+    from peft import LoraConfig
 
-    if is_quantized(model):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+
+
+def prepare_for_lora(model: PreTrainedModel, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """k-bit training preparation when 4-bit; gradient checkpointing with input gradients when asked."""
+    from peft import prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSettings, gradient_checkpointing: bool = False):
+    """Wrap `model` with a fresh trainable LoRA adapter (and k-bit training preparation when 4-bit)."""
+    from peft import get_peft_model
+
+    return get_peft_model(prepare_for_lora(model, gradient_checkpointing), lora_config(lora))
 
 
 def save_adapter(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, config: dict[str, Any]) -> Path:

@@ -32,7 +32,7 @@ from mainlib.mutual import (
     select,
     synthesize,
 )
-from mainlib.results import write_json
+from mainlib.results import write_json, write_jsonl
 from mainlib.scoring import ScoringSettings
 from mainlib.sft import SFTSettings, train_adapter, weight_pairs
 from mainlib.stages import Run, fingerprint
@@ -169,16 +169,6 @@ class PipelineState:
             self.ran.append(stage.name)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def load_inputs(config: PipelineConfig, tokenizer) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
     """Seed pairs and pool responses, cleaned and sampled; fails clearly when nothing usable is left."""
     seed_all, seed_report = data.clean_pairs(data.load_source(config.seed_data), tokenizer, config.max_length)
@@ -311,8 +301,8 @@ def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = Fal
     # -- synthesize: p_r^K writes an instruction for every pool response (Step 2)
     def do_synthesis(out: Path) -> dict[str, Any]:
         result = synthesize(adapter("reverse", aligned.dir), tokenizer, pool, config.synthesis)
-        _write_jsonl(out / "synthetic.jsonl", [p.to_dict() for p in result.pairs])
-        _write_jsonl(out / "rows.jsonl", result.rows)
+        write_jsonl(out / "synthetic.jsonl", [p.to_dict() for p in result.pairs])
+        write_jsonl(out / "rows.jsonl", result.rows)
         if not result.pairs:
             raise ValueError(f"synthesis kept no pair ({result.dropped}); raise synthesis.max_new_tokens")
         return {"pool": len(pool), "kept": len(result.pairs), "dropped": result.dropped}
@@ -325,8 +315,10 @@ def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = Fal
         do_synthesis,
     )
     state.record(stage)
-    synthetic = [Pair(**r) for r in _read_jsonl(stage.dir / "synthetic.jsonl")]
-    state.synthesis = Synthesis(synthetic, _read_jsonl(stage.dir / "rows.jsonl"), stage.manifest["counts"]["dropped"])
+    synthetic = [Pair(**r) for r in data.load_jsonl(stage.dir / "synthetic.jsonl")]
+    state.synthesis = Synthesis(
+        synthetic, data.load_jsonl(stage.dir / "rows.jsonl"), stage.manifest["counts"]["dropped"]
+    )
     synthesized = stage
     if last == 2:
         return state
@@ -376,7 +368,7 @@ def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = Fal
             values = filter_scores(state.scores, main.filter_method, main.score_normalization, main.lam)
             kept = select(values, main.top_fraction if main.threshold is None else None, main.threshold)
         write_json(out / "selection.json", {"scores": values, "kept": kept})
-        _write_jsonl(out / "selected.jsonl", [synthetic[i].to_dict() for i in kept])
+        write_jsonl(out / "selected.jsonl", [synthetic[i].to_dict() for i in kept])
         return {"candidates": len(synthetic), "selected": len(kept)}
 
     select_config = {
@@ -386,7 +378,7 @@ def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = Fal
     stage = run.stage("select", select_config, {"scores": scored.fingerprint}, do_select)
     state.record(stage)
     state.selection = json.loads((stage.dir / "selection.json").read_text())
-    selected = [Pair(**r) for r in _read_jsonl(stage.dir / "selected.jsonl")]
+    selected = [Pair(**r) for r in data.load_jsonl(stage.dir / "selected.jsonl")]
     chosen = stage
     if last == 4:
         return state

@@ -12,6 +12,7 @@ tokens trained on are exactly the tokens scored and generated from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -134,3 +135,25 @@ def encode(
     input_ids = prompt_ids + target_ids
     labels = [-100] * len(prompt_ids) + target_ids
     return Encoded(input_ids=input_ids, labels=labels, prompt_len=len(prompt_ids))
+
+
+def build_few_shot_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    demos: Sequence[tuple[str, str]],
+    query: str,
+    system: str | None = None,
+) -> str:
+    """A generation prompt with (user, assistant) demo turns before the `query` user turn.
+
+    Small chat models imitate a shape far better from earlier turns than from a description of it.
+    Without a chat template the turns use the plain `### Instruction / ### Response` layout.
+    """
+    if not has_chat_template(tokenizer):
+        blocks = [PLAIN_FORWARD.format(instruction=q) + a for q, a in demos]
+        prefix = f"{system}\n\n" if system else ""
+        return prefix + "\n\n".join([*blocks, PLAIN_FORWARD.format(instruction=query)])
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in demos:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": query})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -85,7 +85,9 @@ def test_unit_weights_equal_stock_trl_dpo(weighted, tiny_model_dir, tiny_tokeniz
     )
     perturb_adapter(stock.model)
     batch = collated(tiny_tokenizer, ROWS)
-    assert torch.equal(batch["token_weights"][batch["completion_mask"] == 1], torch.ones(int(batch["completion_mask"].sum())))
+    assert torch.equal(
+        batch["token_weights"][batch["completion_mask"] == 1], torch.ones(int(batch["completion_mask"].sum()))
+    )
     stock_batch = {k: v for k, v in batch.items() if k != "token_weights"}
     ours, theirs = loss_of(weighted, batch), loss_of(stock, stock_batch)
     assert abs(ours - theirs) < 1e-5
@@ -129,7 +131,12 @@ def test_weights_must_match_the_tokenisation(tiny_tokenizer) -> None:
 def test_prompt_gets_zero_and_long_responses_are_cut(tiny_tokenizer) -> None:
     prompt_len = encode(tiny_tokenizer, "forward", ROWS[1]["prompt"], "").prompt_len
     dataset, counts = preference_dataset(ROWS[1:2], tiny_tokenizer, max_length=prompt_len + 3)
-    assert counts == {"pairs": 1, "prompt_too_long": 0, "responses_cut": 2, "kept": 1}  # both responses are longer than 3 tokens
+    assert counts == {
+        "pairs": 1,
+        "prompt_too_long": 0,
+        "responses_cut": 2,
+        "kept": 1,
+    }  # both responses are longer than 3 tokens
     assert len(dataset[0]["chosen_ids"]) == 3 and len(dataset[0]["chosen_weights"]) == 3
     batch = TokenWeightedCollator(pad_token_id=tiny_tokenizer.pad_token_id)([dataset[0]])
     assert batch["token_weights"][:, :prompt_len].abs().sum() == 0

@@ -1,9 +1,12 @@
-"""Coarse granularity of MuSC: constraint-aware preference pairs (ALGORITHMS.md §2, steps 1–4).
+"""Coarse granularity of MuSC: constraint-aware preference pairs (ALGORITHMS.md §2, steps 1–5).
 
-This module holds the parts that do not need a model: reading the model's decomposition of an
-instruction (`parse_decomposition`), and choosing which constraints to corrupt and how
-(`plan_corruption`, `apply_corruption`). The model writes the decomposition, and the substitutions and
-negations the plan asks for.
+    (self_instruct) -> decompose -> contrast (corrupt + recombine) -> respond
+
+The policy model does every writing step through one `Complete` function (prompts in, generations out;
+`writer(model, tokenizer)` makes it from the shared generation engine), so the steps can be tested with
+scripted outputs. The model-free parts are `parse_decomposition` (reads the model's decomposition) and
+`plan_corruption` / `apply_corruption` (which constraints to corrupt, and how). Every step returns its
+records and counts of what it dropped and why.
 """
 
 from __future__ import annotations
@@ -11,9 +14,15 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from mainlib.generate import Generation, GenerationSettings, generate
+from mainlib.musc import prompts
+from mainlib.prompts import build_prompt
 
 CorruptionKind = Literal["drop", "substitute", "negate"]
 
@@ -62,7 +71,7 @@ def parse_decomposition(text: str) -> Decomposition | None:
     if starts:
         first = _INPUT.match(head[starts[0]]).group(1)
         task_input = "\n".join(x.strip() for x in [first, *head[starts[0] + 1 :]] if x.strip())
-    if task_input.lower().rstrip(".") in ("none", "n/a", "no input", "-"):
+    if task_input.lower().rstrip(".") in ("none", "no", "n/a", "no input", "-"):
         task_input = ""
 
     constraints: list[str] = []
@@ -74,7 +83,10 @@ def parse_decomposition(text: str) -> Decomposition | None:
                 break  # a blank line ends the list; what follows is chatter
         elif constraints:
             constraints[-1] = f"{constraints[-1]} {line.strip()}"  # a wrapped line continues the item
-    constraints = [c for c in constraints if c]
+    unique: dict[str, str] = {}  # small models repeat items; an atomic list has each constraint once
+    for c in constraints:
+        unique.setdefault(c.rstrip(".").lower(), c)
+    constraints = list(unique.values())
     return Decomposition(task_input, tuple(constraints)) if constraints else None
 
 
@@ -133,3 +145,257 @@ def apply_corruption(constraints: Sequence[str], plan: Sequence[Corruption], rew
                 raise ValueError(f"constraint {i} is to be {corruption.kind}d but no rewrite was given")
             out.append(rewrites[i].strip())
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The model-driven steps
+# --------------------------------------------------------------------------------------------------
+
+Complete = Callable[[Sequence[str], GenerationSettings, str], list[Generation]]  # (prompts, settings, desc)
+
+
+def writer(model, tokenizer: PreTrainedTokenizerBase) -> Complete:
+    """The policy as a `Complete` function, through the shared batched generation engine."""
+
+    def complete(texts: Sequence[str], settings: GenerationSettings, desc: str) -> list[Generation]:
+        return generate(model, tokenizer, texts, settings, desc=desc)
+
+    return complete
+
+
+@dataclass
+class CoarseSettings:
+    """How the contrastive pairs are made. Defaults follow ALGORITHMS.md §2."""
+
+    decompose: Literal["model", "given"] = field(
+        default="model", metadata={"help": "model: the policy decomposes; given: use the source's own constraints"}
+    )
+    recombine: Literal["model", "template"] = field(
+        default="model", metadata={"help": "model: the policy rewrites; template: a fixed layout (an ablation)"}
+    )
+    min_constraints: int = field(default=2, metadata={"help": "drop instructions with fewer constraints"})
+    corruption: CorruptionSettings = field(default_factory=CorruptionSettings)
+    helper: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(max_new_tokens=160, temperature=0.1, top_p=0.9),
+        metadata={"help": "decompose / rewrite / recombine sampling (low temperature)"},
+    )
+    respond: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(max_new_tokens=256, temperature=0.5, top_p=0.9),
+        metadata={"help": "y_w and y_l sampling"},
+    )
+    self_instruct: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(max_new_tokens=128, temperature=1.0, top_p=0.95),
+        metadata={"help": "self-generated instructions (diverse)"},
+    )
+    drop_unfinished: bool = field(
+        default=True, metadata={"help": "drop a pair whose y_w or y_l hit max_new_tokens (no EOS)"}
+    )
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.corruption.validate()
+        if self.decompose not in ("model", "given"):
+            raise ValueError(f"decompose must be 'model' or 'given'; got {self.decompose!r}")
+        if self.recombine not in ("model", "template"):
+            raise ValueError(f"recombine must be 'model' or 'template'; got {self.recombine!r}")
+        if self.min_constraints < 2:
+            raise ValueError(
+                f"min_constraints must be at least 2 (one to keep, one to corrupt); got {self.min_constraints}"
+            )
+
+
+def _tally(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
+
+
+def _one_line(text: str) -> str:
+    """A rewrite is one constraint: its first non-empty line, without a list marker."""
+    for line in text.splitlines():
+        if line.strip():
+            item = _ITEM.match(line)
+            return (item.group(1) if item else line).strip()
+    return ""
+
+
+def self_instruct(
+    n: int, tokenizer: PreTrainedTokenizerBase, complete: Complete, settings: CoarseSettings, min_constraints: int = 5
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """n sampled "task with more than `min_constraints` constraints" instructions, deduplicated."""
+    texts = [prompts.self_instruct_prompt(tokenizer, min_constraints)] * n
+    counts = {"sampled": n}
+    seen: set[str] = set()
+    records = []
+    for g in complete(texts, settings.self_instruct, "self-instruct"):
+        text = g.text.strip()
+        if not text:
+            _tally(counts, "empty")
+        elif g.finish_reason == "length":
+            _tally(counts, "unfinished")
+        elif text in seen:
+            _tally(counts, "duplicate")
+        else:
+            seen.add(text)
+            records.append({"id": f"self_{len(records):04d}", "instruction": text})
+    counts["kept"] = len(records)
+    return records, counts
+
+
+def given_decomposition(record: Mapping[str, Any]) -> Decomposition | None:
+    """A source's own decomposition: `constraints` (core task first), or `task` + `constraints`."""
+    constraints = [str(c).strip() for c in record.get("constraints") or [] if str(c).strip()]
+    if record.get("task"):
+        constraints = [str(record["task"]).strip(), *constraints]
+    return Decomposition(str(record.get("input") or "").strip(), tuple(constraints)) if constraints else None
+
+
+def decompose(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    complete: Complete,
+    settings: CoarseSettings,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Step 1: input + constraints for each instruction; unparseable or < min_constraints ones are dropped."""
+    counts = {"instructions": len(records)}
+    if settings.decompose == "given":
+        parsed = [given_decomposition(r) for r in records]
+        raw = [""] * len(records)
+    else:
+        texts = [prompts.decompose_prompt(tokenizer, r["instruction"]) for r in records]
+        raw = [g.text for g in complete(texts, settings.helper, "decompose")]
+        parsed = [parse_decomposition(t) for t in raw]
+    out = []
+    for record, decomposition, text in zip(records, parsed, raw, strict=True):
+        if decomposition is None:
+            _tally(counts, "unparseable")
+        elif len(decomposition.constraints) < settings.min_constraints:
+            _tally(counts, "too_few_constraints")
+        else:
+            out.append(
+                {
+                    "id": record["id"],
+                    "instruction": record["instruction"],
+                    "input": decomposition.input,
+                    "constraints": list(decomposition.constraints),
+                    "raw": text,
+                }
+            )
+    counts["kept"] = len(out)
+    return out, counts
+
+
+def contrast(
+    decompositions: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    complete: Complete,
+    settings: CoarseSettings,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Steps 2–3: corrupt each constraint list, then recombine the clean one into x and the corrupted one into x′.
+
+    The plan of each instruction is seeded by (seed, id), so it does not depend on the other instructions.
+    A substitution or negation the model leaves empty or unchanged becomes a drop (counted `rewrite_fallback`).
+    """
+    settings.validate()
+    counts: dict[str, int] = {"decompositions": len(decompositions)}
+    plans = [
+        plan_corruption(len(d["constraints"]), settings.corruption, random.Random(f"{settings.seed}:{d['id']}"))
+        for d in decompositions
+    ]
+    wanted = [(k, c) for k, plan in enumerate(plans) for c in plan if c.kind != "drop"]
+    texts = [prompts.rewrite_prompt(tokenizer, c.kind, decompositions[k]["constraints"][c.index]) for k, c in wanted]
+    written = complete(texts, settings.helper, "rewrite constraints") if texts else []
+    rewrites: dict[int, dict[int, str]] = {k: {} for k in range(len(decompositions))}
+    for (k, c), g in zip(wanted, written, strict=True):
+        new = _one_line(g.text)
+        original = decompositions[k]["constraints"][c.index]
+        if new and new.rstrip(".").lower() != original.rstrip(".").lower():
+            rewrites[k][c.index] = new
+    for k, plan in enumerate(plans):
+        for i, c in enumerate(plan):
+            if c.kind != "drop" and c.index not in rewrites[k]:
+                plan[i] = Corruption(c.index, "drop")
+                _tally(counts, "rewrite_fallback")
+    corrupted = [
+        apply_corruption(d["constraints"], p, rewrites[k])
+        for k, (d, p) in enumerate(zip(decompositions, plans, strict=True))
+    ]
+
+    if settings.recombine == "template":
+        clean = [prompts.recombine_template(d["input"], d["constraints"]) for d in decompositions]
+        noised = [prompts.recombine_template(d["input"], c) for d, c in zip(decompositions, corrupted, strict=True)]
+        finished = [True] * (2 * len(decompositions))
+    else:
+        texts = [prompts.recombine_prompt(tokenizer, d["input"], d["constraints"]) for d in decompositions]
+        texts += [
+            prompts.recombine_prompt(tokenizer, d["input"], c) for d, c in zip(decompositions, corrupted, strict=True)
+        ]
+        written = complete(texts, settings.helper, "recombine")
+        clean = [g.text.strip() for g in written[: len(decompositions)]]
+        noised = [g.text.strip() for g in written[len(decompositions) :]]
+        finished = [g.finish_reason == "eos" for g in written]
+    out = []
+    n = len(decompositions)
+    for k, d in enumerate(decompositions):
+        x, x_prime = clean[k], noised[k]
+        if not x or not x_prime:
+            _tally(counts, "recombine_empty")
+        elif not (finished[k] and finished[n + k]):
+            _tally(counts, "recombine_unfinished")
+        elif x == x_prime:
+            _tally(counts, "recombine_identical")
+        else:
+            corruption = [
+                {**c.to_dict(), "original": d["constraints"][c.index], "rewrite": rewrites[k].get(c.index)}
+                for c in plans[k]
+            ]
+            out.append(
+                {
+                    **{key: d[key] for key in ("id", "instruction", "input", "constraints")},
+                    "corrupted_constraints": corrupted[k],
+                    "corruption": corruption,
+                    "prompt": x,
+                    "noised_prompt": x_prime,
+                }
+            )
+    counts["kept"] = len(out)
+    return out, counts
+
+
+def respond(
+    contrasts: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    complete: Complete,
+    settings: CoarseSettings,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Step 4: y_w ~ π(·|x), y_l ~ π(·|x′); the preference row is (x, y_w ≻ y_l)."""
+    counts: dict[str, int] = {"contrasts": len(contrasts)}
+    if not contrasts:
+        return [], {**counts, "kept": 0}
+    texts = [build_prompt(tokenizer, "forward", c["prompt"]) for c in contrasts]
+    texts += [build_prompt(tokenizer, "forward", c["noised_prompt"]) for c in contrasts]
+    written = complete(texts, settings.respond, "respond")
+    n = len(contrasts)
+    out = []
+    for k, c in enumerate(contrasts):
+        chosen, rejected = written[k], written[n + k]
+        if not chosen.text or not rejected.text:
+            _tally(counts, "empty_response")
+        elif settings.drop_unfinished and "length" in (chosen.finish_reason, rejected.finish_reason):
+            _tally(counts, "unfinished_response")
+        elif chosen.text == rejected.text:
+            _tally(counts, "identical_responses")
+        else:
+            out.append(
+                {
+                    "id": c["id"],
+                    "prompt": c["prompt"],
+                    "chosen": chosen.text,
+                    "rejected": rejected.text,
+                    "noised_prompt": c["noised_prompt"],
+                    "constraints": c["constraints"],
+                    "corruption": c["corruption"],
+                    "input": c["input"],
+                    "instruction": c["instruction"],
+                }
+            )
+    counts["kept"] = len(out)
+    return out, counts

@@ -110,7 +110,11 @@ class TokenWeightedCollator(DataCollatorForPreference):
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
-        rows = [[0.0] * len(e["prompt_ids"]) + list(e[f"{side}_weights"]) for side in ("chosen", "rejected") for e in examples]
+        rows = [
+            [0.0] * len(e["prompt_ids"]) + list(e[f"{side}_weights"])
+            for side in ("chosen", "rejected")
+            for e in examples
+        ]
         if self.max_length is not None:  # the same cut as the parent's keep_start truncation
             rows = [r[: self.max_length] for r in rows]
         weights = pad(
@@ -120,7 +124,9 @@ class TokenWeightedCollator(DataCollatorForPreference):
             pad_to_multiple_of=self.pad_to_multiple_of,
         )
         if weights.shape != batch["input_ids"].shape:
-            raise ValueError(f"token weights {tuple(weights.shape)} do not match input_ids {tuple(batch['input_ids'].shape)}")
+            raise ValueError(
+                f"token weights {tuple(weights.shape)} do not match input_ids {tuple(batch['input_ids'].shape)}"
+            )
         batch["token_weights"] = weights
         return batch
 
