@@ -86,3 +86,51 @@ def score_scatter(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def token_weight_heatmap(
+    sequences: Mapping[str, tuple[Sequence[str], Sequence[float]]],
+    w_max: float = 2.0,
+    columns: int = 12,
+    max_tokens: int = 96,
+) -> Figure:
+    """Each response's tokens in reading order (`columns` per row), coloured by their MuSC weight in [0, w_max]."""
+    fig, axes = plt.subplots(len(sequences), 1, figsize=(1.05 * columns, 1.0), squeeze=False)
+    heights = []
+    for ax, (name, (tokens, weights)) in zip(axes[:, 0], sequences.items(), strict=True):
+        tokens, weights = list(tokens)[:max_tokens], list(weights)[:max_tokens]
+        rows = max(1, -(-len(tokens) // columns))
+        heights.append(rows)
+        grid = [[float("nan")] * columns for _ in range(rows)]
+        for i, w in enumerate(weights):
+            grid[i // columns][i % columns] = w
+        image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=w_max, aspect="auto")
+        for i, token in enumerate(tokens):
+            text = token.replace("\n", "⏎").replace("Ġ", " ").replace("Ċ", "⏎")[:9]
+            ax.text(i % columns, i // columns, text, ha="center", va="center", fontsize=7, color="white")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        shown = "" if len(list(sequences[name][0])) <= max_tokens else f" (first {max_tokens} tokens)"
+        ax.set_title(f"{name}{shown}", fontsize=9, loc="left")
+        fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01, label="weight")
+    fig.set_size_inches(1.05 * columns, 0.42 * sum(heights) + 0.9 * len(heights))
+    fig.tight_layout()
+    return fig
+
+
+def dpo_curves(log: Sequence[Mapping[str, float]], title: str = "token-weighted DPO") -> Figure:
+    """Loss, reward margin and reward accuracy per logged step (TRL's metrics, weighted rewards)."""
+    panels = (("loss", "loss"), ("rewards/margins", "reward margin r_w − r_l"), ("rewards/accuracies", "accuracy"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    steps = [r["step"] for r in log]
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.plot(steps, [r.get(key, float("nan")) for r in log], marker="o", ms=3)
+        ax.set_title(label)
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.6931, color="grey", ls=":", lw=0.8, label="log 2 (policy = reference)")
+    axes[0].legend(fontsize=8)
+    axes[2].set_ylim(-0.05, 1.05)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -98,3 +98,39 @@ def test_notebooks_02_then_03_resume(tiny_params: dict, tmp_path: Path) -> None:
     assert record["final_losses"]
     for name in ("03_score_histograms", "03_score_scatter", "03_final_sft_loss", "02_round_losses"):
         assert (tmp_path / "results" / "tiny" / "figures" / f"{name}.png").is_file()
+
+
+@pytest.mark.slow
+def test_notebook_04_musc(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The tiny model cannot decompose, so the file's own constraints and the template recombination are used."""
+    params = dict(
+        run_name="tiny",
+        model=str(tiny_model_dir),
+        n=6,
+        decompose="given",
+        recombine="template",
+        response_max_new_tokens=24,
+        drop_unfinished=False,
+        learning_rate=1e-3,
+        epochs=2.0,
+        batch_size=3,
+        max_length=256,
+        runs_dir=str(tmp_path / "runs"),
+        results_dir=str(tmp_path / "results"),
+    )
+    run_notebook("04_musc.ipynb", tmp_path, **params)
+    record = json.loads((tmp_path / "results" / "tiny" / "04_musc.json").read_text())
+    survival = {row["step"]: row["left"] for row in record["survival"]}
+    assert survival["instructions"] == 6 and survival["tdpo"] == survival["respond"] > 0
+    assert record["config"]["weights"]["mode"] == "kl" and record["config"]["dpo"]["beta"] == 0.1
+    log = record["training_log"]
+    steps = 2 * -(-survival["respond"] // 3)
+    assert len(log) == steps and log[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # fresh adapter = reference
+    assert 0.0 <= record["final_metrics"]["rewards/accuracies"] <= 1.0
+    example = record["example"]
+    assert example["prompt"] != example["noised_prompt"] and example["corruption"]
+    assert all(c["index"] > 0 for c in example["corruption"])
+    figures = tmp_path / "results" / "tiny" / "figures"
+    assert (figures / "04_token_weights.png").stat().st_size > 10_000
+    assert (figures / "04_dpo_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "runs" / "tiny" / "musc" / "tdpo" / "model" / "adapter_model.safetensors").is_file()

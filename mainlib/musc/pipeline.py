@@ -138,6 +138,7 @@ class MuscState:
     """What the stages produced (read back from disk for skipped stages)."""
 
     counts: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its counts
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> compute time (when it was computed)
     ran: list[str] = field(default_factory=list)
     decompositions: list[dict[str, Any]] = field(default_factory=list)
     contrasts: list[dict[str, Any]] = field(default_factory=list)
@@ -182,10 +183,14 @@ def run_musc(config: MuscConfig, until: str = "tdpo", force: bool = False) -> Mu
                 held["policy"] = load_model(config.model, config.quantization)
         return held["policy"]
 
-    def finish(stage, rows_file: str) -> list[dict[str, Any]]:
+    def record(stage) -> None:
         state.counts[stage.name] = stage.manifest["counts"]
+        state.seconds[stage.name] = stage.manifest["seconds"]
         if not stage.skipped:
             state.ran.append(stage.name)
+
+    def finish(stage, rows_file: str) -> list[dict[str, Any]]:
+        record(stage)
         return data.load_jsonl(stage.dir / rows_file)
 
     # -- instructions: from a pool, or written by the policy
@@ -302,9 +307,7 @@ def run_musc(config: MuscConfig, until: str = "tdpo", force: bool = False) -> Mu
             {"previous": previous.fingerprint},
             do_tdpo,
         )
-        state.counts["tdpo"] = stage.manifest["counts"]
-        if not stage.skipped:
-            state.ran.append("tdpo")
+        record(stage)
         state.training = DPOResult(**json.loads((stage.dir / "dpo_result.json").read_text()))
         state.adapter_dir = stage.dir / "model"
     return state
