@@ -24,11 +24,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The quickstart on the bundled SmolLM2-135M model and bundled data (CPU is fine): MAIN end to end.
+# The quickstart on the bundled SmolLM2-135M model and bundled data (CPU is fine): MAIN, then MuSC.
 # 01 trains the seed models (stage init_sft), 02 runs the mutual-alignment round and the synthesis,
 # 03 filters, trains the final model and checks the scorer; each resumes the stages of the one before.
+# 04 builds MuSC's contrastive pairs from the bundled complex instructions and trains token-weighted DPO.
 # Executed notebooks and adapters go to runs/ (git-ignored); JSON and figures to results/$(RUN_NAME)/.
-QUICKSTART := 01_forward_reverse 02_synthesize 03_mutual_filter
+QUICKSTART := 01_forward_reverse 02_synthesize 03_mutual_filter 04_musc
 demo: setup
 	@mkdir -p runs/$(RUN_NAME)
 	@for nb in $(QUICKSTART); do \

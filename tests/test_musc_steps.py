@@ -173,3 +173,16 @@ def test_instruction_files_are_checked(tmp_path) -> None:
     with pytest.raises(DataError, match=r"bad.jsonl:2: field 'instruction'"):
         load_instructions(str(bad))
     assert len(load_instructions("bundled:complex_instructions")) == 100
+
+
+def test_answers_copied_from_the_demos_are_dropped(tiny_tokenizer) -> None:
+    from mainlib.musc.prompts import DEMO_MATERIAL
+
+    leaked = f"Input: {DEMO_MATERIAL[0]}\nConstraints:\n1. Summarize the paragraph.\n2. Use two sentences."
+    script = Script(tiny_tokenizer, [("Describe a cat", leaked), ("Say hi", DECOMPOSITION_A)])
+    rows, counts = decompose(INSTRUCTIONS[:2], tiny_tokenizer, script, CoarseSettings())
+    assert counts == {"instructions": 2, "copied_demo": 1, "kept": 1} and rows[0]["id"] == "b"
+    # the same text is fine when the instruction itself contains it
+    own = [{"id": "z", "instruction": f"Summarize this in two sentences.\n\n{DEMO_MATERIAL[0]}"}]
+    _, counts = decompose(own, tiny_tokenizer, Script(tiny_tokenizer, [("Summarize", leaked)]), CoarseSettings())
+    assert counts["kept"] == 1

@@ -269,6 +269,8 @@ def decompose(
             _tally(counts, "unparseable")
         elif len(decomposition.constraints) < settings.min_constraints:
             _tally(counts, "too_few_constraints")
+        elif prompts.copies_demo(decomposition.input + " ".join(decomposition.constraints), record["instruction"]):
+            _tally(counts, "copied_demo")
         else:
             out.append(
                 {
@@ -342,6 +344,8 @@ def contrast(
             _tally(counts, "recombine_unfinished")
         elif x == x_prime:
             _tally(counts, "recombine_identical")
+        elif prompts.copies_demo(x + x_prime, d["input"] + " ".join(d["constraints"])):
+            _tally(counts, "copied_demo")
         else:
             corruption = [
                 {**c.to_dict(), "original": d["constraints"][c.index], "rewrite": rewrites[k].get(c.index)}

@@ -91,6 +91,16 @@ SELF_INSTRUCT_DEMOS = (
 )
 
 
+# Text that only the demos contain: a small model sometimes copies it into its answer instead of the query's.
+DEMO_MATERIAL = (_CITY, "autumn leaves", "reusable water bottle", "how a rainbow forms")
+
+
+def copies_demo(text: str, source: str) -> bool:
+    """True when `text` contains demo material that `source` (what the model was asked about) does not."""
+    lowered, source = text.lower(), source.lower()
+    return any(m[:40].lower() in lowered and m[:40].lower() not in source for m in DEMO_MATERIAL)
+
+
 def numbered(constraints: Sequence[str]) -> str:
     return "\n".join(f"{i}. {c}" for i, c in enumerate(constraints, 1))
 
