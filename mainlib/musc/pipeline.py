@@ -215,18 +215,18 @@ def run_musc(config: MuscConfig, until: str = "tdpo", force: bool = False) -> Mu
     previous = stage
 
     # -- decompose / contrast / respond: the coarse steps, each reading the previous stage's rows
-    steps = (
-        ("decompose", decompose, "decompositions.jsonl", {"decompose": config.coarse.decompose}),
-        ("contrast", contrast, "contrasts.jsonl", {"recombine": config.coarse.recombine}),
-        ("respond", respond, "preferences.jsonl", {"respond": asdict(config.coarse.respond)}),
+    coarse, helper = config.coarse, asdict(config.coarse.helper)
+    steps = (  # (stage, function, output file, the settings that stage depends on)
+        ("decompose", decompose, "decompositions.jsonl", {"decompose": coarse.decompose, "helper": helper}),
+        (
+            "contrast",
+            contrast,
+            "contrasts.jsonl",
+            {"recombine": coarse.recombine, "corruption": asdict(coarse.corruption), "helper": helper},
+        ),
+        ("respond", respond, "preferences.jsonl", {"respond": asdict(coarse.respond), "drop": coarse.drop_unfinished}),
     )
-    shared = {
-        "min_constraints": config.coarse.min_constraints,
-        "helper": asdict(config.coarse.helper),
-        "corruption": asdict(config.coarse.corruption),
-        "drop_unfinished": config.coarse.drop_unfinished,
-        "seed": config.seed,
-    }
+    shared = {"min_constraints": coarse.min_constraints, "seed": config.seed}
     for k, (name, step, rows_file, own) in enumerate(steps, start=1):
         if k > last:
             break
