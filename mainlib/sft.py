@@ -19,7 +19,6 @@ TRL is extended by overriding one method, `compute_loss`; the collator subclass 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from mainlib.data import Pair
 from mainlib.models import LoraSettings, Quantization, add_lora, load_model, save_adapter
 from mainlib.prompts import Direction, encode
 from mainlib.results import write_json
+from mainlib.training import run_arguments, train
 
 SEED, SYNTHETIC = 0, 1  # values of the `group` column
 
@@ -207,10 +207,8 @@ class SFTResult:
 
 def sft_config(settings: SFTSettings, output_dir: str | Path) -> SFTConfig:
     """The TRL config for `settings`: no checkpoints on disk, no external loggers, precision for the device."""
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
     return SFTConfig(
-        output_dir=str(output_dir),
+        **run_arguments(output_dir, settings.seed),
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
@@ -219,17 +217,9 @@ def sft_config(settings: SFTSettings, output_dir: str | Path) -> SFTConfig:
         warmup_steps=settings.warmup,
         weight_decay=settings.weight_decay,
         logging_steps=settings.logging_steps,
-        seed=settings.seed,
-        data_seed=settings.seed,
         max_length=settings.max_length,
         gradient_checkpointing=settings.gradient_checkpointing,
-        bf16=bf16,
-        fp16=cuda and not bf16,
-        use_cpu=not cuda,
-        save_strategy="no",
-        report_to="none",
         remove_unused_columns=False,  # keep `weight` and `group` for the collator
-        dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
     )
 
@@ -261,15 +251,9 @@ def train_sft(
     set_seed(settings.seed)
     dataset, counts = build_dataset(data, tokenizer, settings)
     trainer = make_trainer(model, tokenizer, dataset, settings, output_dir)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    output = Path(output_dir)
-    if output.is_dir() and not any(output.iterdir()):  # TRL makes it, but no checkpoint is saved there
-        output.rmdir()
     keep = ("step", "epoch", "loss", "learning_rate", "seed_loss", "synthetic_loss", "mean_token_accuracy")
-    losses = [{k: float(row[k]) for k in keep if k in row} for row in trainer.state.log_history if "loss" in row]
-    counts = {**counts, "optimizer_steps": int(trainer.state.global_step)}
+    losses, steps, seconds = train(trainer, keep)
+    counts = {**counts, "optimizer_steps": steps}
     return SFTResult(settings.direction, losses, counts, seconds, settings.to_dict())
 
 

@@ -21,7 +21,6 @@ frozen copy of that adapter as "ref".
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from mainlib.prompts import encode
+from mainlib.training import run_arguments, train
 
 
 @dataclass
@@ -181,10 +181,8 @@ class TokenWeightedDPOTrainer(DPOTrainer):
 
 def dpo_config(settings: DPOSettings, output_dir: str | Path) -> DPOConfig:
     """The TRL config: sigmoid loss, no checkpoints on disk, no external loggers, precision for the device."""
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
     return DPOConfig(
-        output_dir=str(output_dir),
+        **run_arguments(output_dir, settings.seed),
         beta=settings.beta,
         loss_type=["sigmoid"],
         num_train_epochs=settings.epochs,
@@ -195,16 +193,8 @@ def dpo_config(settings: DPOSettings, output_dir: str | Path) -> DPOConfig:
         lr_scheduler_type=settings.scheduler,
         warmup_steps=settings.warmup,
         logging_steps=settings.logging_steps,
-        seed=settings.seed,
-        data_seed=settings.seed,
         max_length=None,  # `preference_dataset` already cut every pair to settings.max_length
         gradient_checkpointing=settings.gradient_checkpointing,
-        bf16=bf16,
-        fp16=cuda and not bf16,
-        use_cpu=not cuda,
-        save_strategy="no",
-        report_to="none",
-        dataloader_num_workers=0,
     )
 
 
@@ -271,12 +261,6 @@ def train_tdpo(
     set_seed(settings.seed)
     dataset, counts = preference_dataset(rows, tokenizer, settings.max_length)
     trainer = make_trainer(model, tokenizer, dataset, settings, output_dir, peft_config)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    output = Path(output_dir)
-    if output.is_dir() and not any(output.iterdir()):  # TRL makes it, but no checkpoint is saved there
-        output.rmdir()
-    log = [{k: float(r[k]) for k in LOG_KEYS if k in r} for r in trainer.state.log_history if "loss" in r]
-    counts = {**counts, "optimizer_steps": int(trainer.state.global_step)}
+    log, steps, seconds = train(trainer, LOG_KEYS)
+    counts = {**counts, "optimizer_steps": steps}
     return trainer.model, DPOResult(log, counts, seconds, settings.to_dict())
