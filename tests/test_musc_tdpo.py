@@ -151,3 +151,16 @@ def test_training_raises_the_reward_margin(tiny_model_dir, tiny_tokenizer, tmp_p
     assert result.counts["optimizer_steps"] == 6
     assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # fresh adapter: policy = reference
     assert result.log[-1]["rewards/margins"] > 0.1 and result.log[-1]["loss"] < result.log[0]["loss"]
+
+
+def test_qlora_path_trains(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    """The 4-bit policy as MuSC loads it on CUDA (bitsandbytes also runs on CPU): the adapter learns."""
+    from mainlib.models import LoraSettings, is_quantized, lora_config, prepare_for_lora
+
+    model = load_model(str(tiny_model_dir), "4bit")
+    assert is_quantized(model)
+    settings = DPOSettings(learning_rate=5e-3, epochs=4, batch_size=3, warmup=0.0, scheduler="constant")
+    peft_config = lora_config(LoraSettings(r=4, alpha=8, dropout=0.0))
+    _, result = train_tdpo(prepare_for_lora(model), tiny_tokenizer, ROWS, settings, tmp_path / "q", peft_config)
+    assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert result.log[-1]["rewards/margins"] > 0.05
