@@ -33,6 +33,7 @@ N_HELDOUT = 50
 N_COMPLEX = 100
 N_UNLABELED = 500
 N_GSM8K_TEST = 100
+N_GSM8K_FEWSHOT = 20
 MMLU_SUBJECTS = ("astronomy", "high_school_geography", "marketing", "nutrition")
 N_MMLU_PER_SUBJECT = 25
 N_IFEVAL = 100
@@ -234,6 +235,12 @@ def build(src: Path, out: Path) -> dict:
         out / "eval" / "humaneval.jsonl", [humaneval[i] for i in sorted(rng.sample(range(len(humaneval)), N_HUMANEVAL))]
     )
 
+    # GSM8K few-shot examples (original format) for the offline gsm8k task, disjoint from `unlabeled`;
+    # their own generator so that adding them left every other file unchanged
+    rest = sorted(set(range(len(gsm_train))) - set(picked))
+    fewshot = sorted(random.Random(f"{SEED}:gsm8k_fewshot").sample(rest, N_GSM8K_FEWSHOT))
+    write_jsonl(out / "eval" / "gsm8k_train_fewshot.jsonl", [gsm_train[i] for i in fewshot])
+
     for path in sorted(out.rglob("*")):
         if path.is_file() and path.suffix in (".jsonl", ".csv"):
             with path.open(encoding="utf-8", newline="") as f:
@@ -271,6 +278,8 @@ def sources_md(files: dict[str, int], manifest: dict) -> str:
         "unlabeled.jsonl": "500 GSM8K train solutions: `<<calc>>` annotations removed, `#### n` written as "
         "'The final answer is n.'; the question is kept as `reference_instruction`",
         "eval/gsm8k_test.jsonl": "100 GSM8K test problems, original format",
+        "eval/gsm8k_train_fewshot.jsonl": "20 GSM8K train problems (none of them in unlabeled), original format: "
+        "few-shot examples for the offline gsm8k task",
         "eval/ifeval.jsonl": "100 IFEval prompts, original format",
         "eval/humaneval.jsonl": "20 HumanEval problems, original format",
     }
