@@ -19,7 +19,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -221,6 +221,38 @@ def evaluate(
             },
         )
     return rows
+
+
+def compare(
+    model: str,
+    adapters: Mapping[str, str | None],
+    tasks: Sequence[str] = BENCHMARKS,
+    **settings: Any,
+) -> list[dict[str, Any]]:
+    """The same evaluation for each labelled adapter (None = the base model); rows carry their `label`.
+
+    An adapter directory that does not exist is skipped with a message (e.g. a stage not run yet).
+    """
+    rows = []
+    for label, adapter in adapters.items():
+        if adapter is not None and not Path(adapter).is_dir():
+            print(f"[{label}] skipped: {adapter} does not exist (run the notebook that trains it first)")
+            continue
+        rows += [{**r, "label": label} for r in evaluate(model, adapter, tasks, **settings)]
+    return rows
+
+
+def headline_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model label, one column per benchmark: `value ± stderr` of the headline metric (n)."""
+    table: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if not r["headline"]:
+            continue
+        cell = f"{r['value']:.3f}" + (f" ± {r['stderr']:.3f}" if r.get("stderr") is not None else "")
+        table.setdefault(r.get("label", r["adapter"] or r["model"]), {})[
+            f"{r['benchmark']} ({r['metric']}, n={r['n']})"
+        ] = cell
+    return [{"model": label, **cells} for label, cells in table.items()]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

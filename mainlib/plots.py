@@ -134,3 +134,49 @@ def dpo_curves(log: Sequence[Mapping[str, float]], title: str = "token-weighted 
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def benchmark_bars(rows: Sequence[Mapping], title: str = "benchmarks") -> Figure:
+    """Grouped bars: one group per benchmark (its headline metric), one bar per model label, ±1 stderr."""
+    headline = [r for r in rows if r.get("headline")]
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in headline))
+    labels = list(dict.fromkeys(r.get("label") or r.get("adapter") or r["model"] for r in headline))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(benchmarks) * max(1, len(labels)) / 2 + 2), 3.8))
+    width = 0.8 / max(1, len(labels))
+    for k, label in enumerate(labels):
+        values, errors = [], []
+        for benchmark in benchmarks:
+            row = next(
+                (
+                    r
+                    for r in headline
+                    if r["benchmark"] == benchmark and (r.get("label") or r.get("adapter") or r["model"]) == label
+                ),
+                None,
+            )
+            values.append(row["value"] if row else float("nan"))
+            errors.append(row["stderr"] or 0.0 if row else 0.0)
+        positions = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(benchmarks))]
+        ax.bar(positions, values, width, yerr=errors, capsize=3, label=label)
+    metrics = {r["benchmark"]: r["metric"] for r in headline}
+    ax.set_xticks(range(len(benchmarks)), [f"{b}\n({metrics[b]})" for b in benchmarks], fontsize=8)
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def funnel(steps: Sequence[tuple[str, int]], title: str) -> Figure:
+    """How many items are left after each step of a pipeline (MAIN's filtering, MuSC's survival)."""
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(steps) + 1.2))
+    names, counts = [s[0] for s in steps][::-1], [s[1] for s in steps][::-1]
+    bars = ax.barh(names, counts, color="tab:blue", alpha=0.8)
+    ax.bar_label(bars, padding=3, fontsize=8)
+    ax.set_xlabel("items left")
+    ax.set_title(title)
+    ax.set_xlim(0, max([*counts, 1]) * 1.15)
+    fig.tight_layout()
+    return fig
