@@ -101,8 +101,10 @@ def test_notebooks_02_then_03_resume(tiny_params: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_notebook_04_musc(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The tiny model cannot decompose, so the file's own constraints and the template recombination are used."""
+def test_notebooks_04_then_05_then_06(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """MuSC, then base vs MuSC on the offline benchmarks, then the summary.
+
+    The tiny model cannot decompose, so 04 uses the file's own constraints and the template recombination."""
     params = dict(
         run_name="tiny",
         model=str(tiny_model_dir),
@@ -134,3 +136,40 @@ def test_notebook_04_musc(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert (figures / "04_token_weights.png").stat().st_size > 10_000
     assert (figures / "04_dpo_curves.png").stat().st_size > 10_000
     assert (tmp_path / "runs" / "tiny" / "musc" / "tdpo" / "model" / "adapter_model.safetensors").is_file()
+
+    adapter = tmp_path / "runs" / "tiny" / "musc" / "tdpo" / "model"
+    executed = run_notebook(
+        "05_evaluate.ipynb",
+        tmp_path,
+        run_name="tiny",
+        model=str(tiny_model_dir),
+        adapters={
+            "base": None,
+            "MuSC": str(adapter),
+            "MAIN": str(tmp_path / "runs" / "tiny" / "final_sft" / "forward"),
+        },
+        limit=2,
+        batch_size=2,
+        max_gen_toks=8,
+        quantization="none",
+        results_dir=str(tmp_path / "results"),
+    )
+    text = "".join(
+        str(o.get("text", "")) + str(o.get("data", "")) for c in executed.cells for o in c.get("outputs", [])
+    )
+    assert "HumanEval skipped" in text and "[MAIN] skipped" in text  # no opt-in; 03 was not run here
+    evaluation = json.loads((tmp_path / "results" / "tiny" / "05_evaluate.json").read_text())
+    assert [row["model"] for row in evaluation["table"]] == ["base", "MuSC"]
+    headline = [r for r in evaluation["rows"] if r["headline"]]
+    assert {(r["label"], r["benchmark"]) for r in headline} == {
+        (label, b) for label in ("base", "MuSC") for b in ("mmlu", "gsm8k", "ifeval")
+    }
+    assert all(0.0 <= r["value"] <= 1.0 for r in evaluation["rows"])
+    assert {r["n"] for r in headline if r["benchmark"] == "gsm8k"} == {2}
+    assert len(list((tmp_path / "results" / "tiny" / "eval").glob("*.json"))) == 6  # 2 models x 3 tasks
+
+    run_notebook("06_figures.ipynb", tmp_path, run_name="tiny", results_dir=str(tmp_path / "results"))
+    summary = (tmp_path / "results" / "tiny" / "summary.md").read_text()
+    assert "## Benchmarks" in summary and "| MuSC |" in summary and "## MuSC survival (tiny)" in summary
+    for name in ("06_benchmarks", "06_dpo_curves", "06_musc_survival"):
+        assert (figures / f"{name}.png").stat().st_size > 10_000 and (figures / f"{name}.pdf").is_file()
