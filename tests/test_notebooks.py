@@ -173,3 +173,44 @@ def test_notebooks_04_then_05_then_06(tiny_model_dir: Path, tmp_path: Path) -> N
     assert "## Benchmarks" in summary and "| MuSC |" in summary and "## MuSC survival (tiny)" in summary
     for name in ("06_benchmarks", "06_dpo_curves", "06_musc_survival"):
         assert (figures / f"{name}.png").stat().st_size > 10_000 and (figures / f"{name}.pdf").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_runs_01_to_06(tiny_params: dict, tiny_model_dir: Path, tmp_path: Path) -> None:
+    main_overrides = {k: v for k, v in tiny_params.items() if k not in ("run_name", "model", "runs_dir", "results_dir")}
+    n_seed, n_pool = main_overrides.pop("n_seed"), main_overrides.pop("n_pool")
+    executed = run_notebook(
+        "00_quickstart.ipynb",
+        tmp_path,
+        run_name="qs",
+        model=str(tiny_model_dir),
+        quantization="none",
+        n_seed=n_seed,
+        n_pool=n_pool,
+        main_overrides=main_overrides,
+        musc_n=4,
+        musc_overrides=dict(decompose="given", recombine="template", response_max_new_tokens=16, drop_unfinished=False),
+        eval_limit=2,
+        eval_max_gen_toks=8,
+        eval_batch_size=2,
+        eval_overrides={"tasks": ["mmlu", "humaneval"]},
+        runs_dir=str(tmp_path / "runs"),
+        results_dir=str(tmp_path / "results"),
+    )
+    results = tmp_path / "results" / "qs"
+    timings = json.loads((results / "00_quickstart.json").read_text())["timings"]
+    assert set(timings) == {
+        "01_forward_reverse",
+        "02_synthesize",
+        "03_mutual_filter",
+        "04_musc",
+        "05_evaluate",
+        "06_figures",
+        "total_s",
+    }
+    evaluation = json.loads((results / "05_evaluate.json").read_text())
+    assert [row["model"] for row in evaluation["table"]] == ["base", "MAIN", "MuSC"]
+    assert {r["benchmark"] for r in evaluation["rows"] if r["headline"]} == {"mmlu", "humaneval"}
+    summary = (results / "summary.md").read_text()
+    assert "## MAIN filtering (qs)" in summary and "## MuSC survival (qs)" in summary
+    assert any(o.get("output_type") == "display_data" for o in executed.cells[-1].outputs)  # the figure
