@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # On a GPU box with a CUDA torch installed system-wide: make demo VENV_FLAGS=--system-site-packages
 VENV_FLAGS ?=
 
-.PHONY: setup demo test lint clean-cache bundled-data
+.PHONY: setup demo sweep test lint clean-cache bundled-data
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -24,19 +24,20 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The quickstart on the bundled SmolLM2-135M model and bundled data (CPU is fine): MAIN, then MuSC.
-# 01 trains the seed models (stage init_sft), 02 runs the mutual-alignment round and the synthesis,
-# 03 filters, trains the final model and checks the scorer; each resumes the stages of the one before.
-# 04 builds MuSC's contrastive pairs from the bundled complex instructions and trains token-weighted DPO.
-# Executed notebooks and adapters go to runs/ (git-ignored); JSON and figures to results/$(RUN_NAME)/.
-QUICKSTART := 01_forward_reverse 02_synthesize 03_mutual_filter 04_musc
+# The quickstart on the bundled SmolLM2-135M model and bundled data (CPU is fine): notebook 00 runs
+# 01 (seed SFT) -> 02 (mutual-alignment round, synthesis) -> 03 (mutual filter, final SFT) -> 04 (MuSC)
+# -> 05 (base vs MAIN vs MuSC with lm-eval, offline) -> 06 (summary.md and figures), each resuming the
+# stages of the one before. Executed notebooks and adapters go to runs/ (git-ignored); JSON, figures and
+# summary.md to results/$(RUN_NAME)/.
 demo: setup
 	@mkdir -p runs/$(RUN_NAME)
-	@for nb in $(QUICKSTART); do \
-	    echo "== $$nb"; \
-	    $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb runs/$(RUN_NAME)/$$nb.ipynb \
-	        -p run_name $(RUN_NAME) || exit 1; \
-	done
+	$(VENV)/bin/papermill --cwd notebooks notebooks/00_quickstart.ipynb runs/$(RUN_NAME)/00_quickstart.ipynb \
+	    -p run_name $(RUN_NAME)
+
+# A parameter sweep over one notebook (see mainlib/sweep.py): make sweep SWEEP=sweeps/alpha_x_filter.yaml
+SWEEP ?= sweeps/alpha_x_filter.yaml
+sweep: setup
+	$(PY) -m mainlib.sweep $(SWEEP)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
