@@ -105,9 +105,10 @@ def token_weight_heatmap(
         for i, w in enumerate(weights):
             grid[i // columns][i % columns] = w
         image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=w_max, aspect="auto")
-        for i, token in enumerate(tokens):
+        for i, (token, w) in enumerate(zip(tokens, weights, strict=False)):
             text = token.replace("\n", "⏎").replace("Ġ", " ").replace("Ċ", "⏎")[:9]
-            ax.text(i % columns, i // columns, text, ha="center", va="center", fontsize=7, color="white")
+            color = "black" if w > 0.6 * w_max else "white"  # legible on viridis' bright end
+            ax.text(i % columns, i // columns, text, ha="center", va="center", fontsize=7, color=color)
         ax.set_xticks([])
         ax.set_yticks([])
         shown = "" if len(list(sequences[name][0])) <= max_tokens else f" (first {max_tokens} tokens)"
