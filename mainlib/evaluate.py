@@ -80,9 +80,9 @@ def code_execution(allowed: bool):
 
 
 def _label(model: str, adapter: str | None) -> str:
-    """A file-name-safe name for a (model, adapter) pair."""
-    text = Path(adapter).as_posix().strip("/") if adapter else Path(model).name or model
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[-80:] or "model"
+    """A file-name-safe name for a (model, adapter) pair: the model's name, or the adapter's last three folders."""
+    text = "_".join(Path(adapter).resolve().parts[-3:]) if adapter else Path(model).name or model
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[-80:] or "model"
 
 
 def summary_rows(output: dict[str, Any], benchmark: str, task: str) -> list[dict[str, Any]]:
