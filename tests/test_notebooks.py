@@ -167,7 +167,7 @@ def test_notebooks_04_then_05_then_06(tiny_model_dir: Path, tmp_path: Path) -> N
     assert all(0.0 <= r["value"] <= 1.0 for r in evaluation["rows"])
     assert {r["n"] for r in headline if r["benchmark"] == "gsm8k"} == {2}
     names = sorted(p.name for p in (tmp_path / "results" / "tiny" / "eval").glob("*.json"))
-    assert len(names) == 6 and "tiny_musc_tdpo_model__gsm8k.json" in names  # 2 models x 3 tasks, visible names
+    assert len(names) == 6 and "musc_tdpo_model__gsm8k.json" in names  # 2 models x 3 tasks, visible names
 
     run_notebook("06_figures.ipynb", tmp_path, run_name="tiny", results_dir=str(tmp_path / "results"))
     summary = (tmp_path / "results" / "tiny" / "summary.md").read_text()
