@@ -56,6 +56,13 @@ HEADLINE = {
 }
 
 
+def default_data() -> DataSource:
+    """`hub` (lm-eval's own tasks) on a GPU box, `bundled` (offline, small) on CPU."""
+    import torch
+
+    return "hub" if torch.cuda.is_available() else "bundled"
+
+
 def task_name(benchmark: str, data: DataSource) -> str:
     if data not in TASK_NAMES:
         raise ValueError(f"data must be one of {', '.join(TASK_NAMES)}; got {data!r}")
@@ -123,7 +130,7 @@ def evaluate(
     num_fewshot: int | None = None,
     batch_size: int | str = "auto",
     allow_code_execution: bool = False,
-    data: DataSource = "bundled",
+    data: DataSource | None = None,
     run_name: str = "eval",
     results_dir: str | Path = "results",
     quantization: str = "auto",
@@ -133,8 +140,9 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Evaluate `model` (+ `adapter`) on each benchmark; write one JSON per task; return the summary rows.
 
-    `limit` caps the documents per task (an int, or a fraction); `max_gen_toks` caps generation length for
-    every generative task (None keeps lm-eval's per-task settings: use it for quick CPU runs only).
+    `data` None means `default_data()`: the hub tasks on CUDA, the bundled offline tasks on CPU. `limit` caps
+    the documents per task (an int, or a fraction); `max_gen_toks` caps generation length for every
+    generative task (None keeps lm-eval's per-task settings: use it for quick CPU runs only).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -144,6 +152,7 @@ def evaluate(
     from mainlib.nltk_data import ensure_punkt
     from mainlib.tasks import TASKS_DIR
 
+    data = data or default_data()
     names = {b: task_name(b, data) for b in tasks}
     if "humaneval" in tasks and not allow_code_execution and os.environ.get(OPT_IN_VARIABLE) != "1":
         raise CodeExecutionNotAllowed(OPT_IN_MESSAGE)
@@ -260,7 +269,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled key, local folder or hub id")
     parser.add_argument("--adapter", default=None, help="a mainlib adapter directory (e.g. runs/x/final_sft/model)")
     parser.add_argument("--tasks", default=",".join(BENCHMARKS), help="comma-separated: mmlu,gsm8k,humaneval,ifeval")
-    parser.add_argument("--data", default="bundled", choices=list(TASK_NAMES), help="hub, bundled or full")
+    parser.add_argument(
+        "--data",
+        default=None,
+        choices=list(TASK_NAMES),
+        help="hub, bundled or full (default: hub on CUDA, else bundled)",
+    )
     parser.add_argument("--limit", type=float, default=None, help="documents per task (>= 1) or a fraction (< 1)")
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--batch-size", default="auto")

@@ -149,3 +149,24 @@ def test_bundled_sets_and_bad_input(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MAINLIB_DATA_DIR", str(tmp_path))
     with pytest.raises(ValueError, match=r"x_test.csv:2: field 'answer' must be 0-3"):
         benchmarks.mmlu("x", "full")
+
+
+def test_task_names_per_data_source(monkeypatch) -> None:
+    import torch
+
+    from mainlib.evaluate import default_data, task_name
+
+    assert [task_name(b, "hub") for b in ("mmlu", "gsm8k", "humaneval", "ifeval")] == [
+        "mmlu",
+        "gsm8k",
+        "humaneval",
+        "ifeval",
+    ]
+    assert task_name("mmlu", "full") == "mainlib_mmlu" and task_name("mmlu", "bundled") == "mainlib_mmlu_bundled"
+    assert task_name("arc_easy", "hub") == "arc_easy"  # any other lm-eval task passes through
+    with pytest.raises(ValueError, match="data must be one of"):
+        task_name("mmlu", "local")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_data() == "bundled"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_data() == "hub"
