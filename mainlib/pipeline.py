@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mainlib import data
+from mainlib import data, parameters
 from mainlib.data import Pair
 from mainlib.generate import GenerationSettings
 from mainlib.models import LoraSettings, Quantization, load_adapter, load_tokenizer, save_adapter
@@ -32,6 +32,7 @@ from mainlib.mutual import (
     select,
     synthesize,
 )
+from mainlib.parameters import apply_parameters
 from mainlib.results import write_json, write_jsonl
 from mainlib.scoring import ScoringSettings
 from mainlib.sft import SFTSettings, train_adapter, weight_pairs
@@ -71,13 +72,8 @@ class PipelineConfig:
     @classmethod
     def from_params(cls, **params: Any) -> PipelineConfig:
         """Build the config from the flat parameters of a notebook's `parameters` cell (see FLAT_PARAMETERS)."""
-        unknown = sorted(set(params) - set(FLAT_PARAMETERS))
-        if unknown:
-            raise TypeError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(FLAT_PARAMETERS)}")
         config = cls()
-        for name, value in params.items():
-            target, attribute = FLAT_PARAMETERS[name]
-            setattr(config if target is None else getattr(config, target), attribute, value)
+        apply_parameters(config, params, FLAT_PARAMETERS)
         # the batch size and sequence length are shared by every SFT of the run
         for sft in (config.sft, config.round_sft, config.final_sft):
             sft.batch_size, sft.max_length, sft.seed = config.sft.batch_size, config.max_length, config.seed
@@ -91,10 +87,10 @@ class PipelineConfig:
         return asdict(self)
 
 
-# flat notebook parameter -> (sub-config attribute or None for the top level, field)
-FLAT_PARAMETERS: dict[str, tuple[str | None, str]] = {
+# flat notebook parameter -> attribute path in PipelineConfig
+FLAT_PARAMETERS: dict[str, tuple[str, ...]] = {
     **{
-        k: (None, k)
+        k: (k,)
         for k in (
             "run_name",
             "runs_dir",
@@ -145,7 +141,7 @@ FLAT_PARAMETERS: dict[str, tuple[str | None, str]] = {
 
 def pick_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     """The pipeline parameters among a notebook's variables (`pick_parameters(globals())`)."""
-    return {name: namespace[name] for name in FLAT_PARAMETERS if name in namespace}
+    return parameters.pick_parameters(namespace, FLAT_PARAMETERS)
 
 
 @dataclass

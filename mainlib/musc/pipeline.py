@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mainlib import data
+from mainlib import data, parameters
 from mainlib.models import (
     LoraSettings,
     Quantization,
@@ -30,6 +30,7 @@ from mainlib.models import (
 from mainlib.musc.coarse import CoarseSettings, contrast, decompose, respond, self_instruct, writer
 from mainlib.musc.tdpo import DPOResult, DPOSettings, train_tdpo
 from mainlib.musc.tokens import TokenWeightSettings, token_weights
+from mainlib.parameters import apply_parameters
 from mainlib.results import write_json, write_jsonl
 from mainlib.stages import Run
 
@@ -58,16 +59,8 @@ class MuscConfig:
     @classmethod
     def from_params(cls, **params: Any) -> MuscConfig:
         """Build the config from flat notebook parameters (see FLAT_PARAMETERS)."""
-        unknown = sorted(set(params) - set(FLAT_PARAMETERS))
-        if unknown:
-            raise TypeError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(FLAT_PARAMETERS)}")
         config = cls()
-        for name, value in params.items():
-            *path, attribute = FLAT_PARAMETERS[name]
-            target = config
-            for part in path:
-                target = getattr(target, part)
-            setattr(target, attribute, value)
+        apply_parameters(config, params, FLAT_PARAMETERS)
         config.coarse.seed = config.dpo.seed = config.seed
         for generation in (config.coarse.helper, config.coarse.respond, config.coarse.self_instruct):
             generation.seed = config.seed
@@ -109,7 +102,7 @@ FLAT_PARAMETERS: dict[str, tuple[str, ...]] = {
 
 def pick_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     """The MuSC parameters among a notebook's variables (`pick_parameters(globals())`)."""
-    return {name: namespace[name] for name in FLAT_PARAMETERS if name in namespace}
+    return parameters.pick_parameters(namespace, FLAT_PARAMETERS)
 
 
 def load_instructions(spec: str) -> list[dict[str, Any]]:
