@@ -46,3 +46,25 @@ def tiny_pool(tiny_tokenizer, tmp_path: Path) -> Path:
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"response": p.response}) + "\n" for p in seed))
     return pool
+
+
+@pytest.fixture()
+def tiny_params(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> dict:
+    """Tiny-model parameters for notebooks 01-03 and the sweep over them (the pool: see `tiny_pool`)."""
+    return dict(
+        run_name="tiny",
+        model=str(tiny_model_dir),
+        pool_data=str(tiny_pool),
+        n_seed=4,
+        n_pool=None,
+        max_length=160,
+        lora_dropout=0.0,
+        learning_rate=0.02,
+        epochs=8.0,
+        batch_size=4,
+        round_learning_rate=1e-4,
+        round_max_new_tokens=160,
+        synthesis_max_new_tokens=160,
+        runs_dir=str(tmp_path / "runs"),
+        results_dir=str(tmp_path / "results"),
+    )

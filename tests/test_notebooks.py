@@ -28,28 +28,6 @@ def run_notebook(name: str, out_dir: Path, **parameters) -> dict:
     return executed
 
 
-@pytest.fixture()
-def tiny_params(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> dict:
-    """Tiny-model parameters for notebooks 01-03 (the pool: see `tiny_pool`)."""
-    return dict(
-        run_name="tiny",
-        model=str(tiny_model_dir),
-        pool_data=str(tiny_pool),
-        n_seed=4,
-        n_pool=None,
-        max_length=160,
-        lora_dropout=0.0,
-        learning_rate=0.02,
-        epochs=8.0,
-        batch_size=4,
-        round_learning_rate=1e-4,
-        round_max_new_tokens=160,
-        synthesis_max_new_tokens=160,
-        runs_dir=str(tmp_path / "runs"),
-        results_dir=str(tmp_path / "results"),
-    )
-
-
 def test_every_notebook_has_a_parameters_cell() -> None:
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         notebook = nbformat.read(path, as_version=4)

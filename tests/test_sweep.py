@@ -29,25 +29,15 @@ def test_lookup_and_spec_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_points_and_a_failing_one(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> None:
+def test_two_points_and_a_failing_one(tiny_params: dict, tmp_path: Path) -> None:
+    fixed = {
+        k: v for k, v in tiny_params.items() if k not in ("run_name", "runs_dir", "results_dir", "round_learning_rate")
+    }
     spec = {
         "name": "tinysweep",
         "notebook": str(REPO / "notebooks" / "03_mutual_filter.ipynb"),
         "result": "03_mutual_filter",
-        "parameters": dict(
-            model=str(tiny_model_dir),
-            pool_data=str(tiny_pool),
-            n_seed=4,
-            n_pool=None,
-            max_length=160,
-            lora_dropout=0.0,
-            learning_rate=0.02,
-            epochs=4.0,
-            batch_size=4,
-            round_max_new_tokens=32,
-            synthesis_max_new_tokens=160,
-            n_auc=4,
-        ),
+        "parameters": {**fixed, "epochs": 4.0, "round_max_new_tokens": 32, "n_auc": 4},
         "grid": {"top_fraction": [0.5, 1.0, 7.0]},  # 7.0 is not a fraction: that point fails
         "metrics": ["counts.select.selected", "final_losses.-1.loss"],
         "plot": {"x": "top_fraction", "y": "final_losses.-1.loss"},
