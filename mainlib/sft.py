@@ -15,6 +15,13 @@ accumulation), so a step's expected loss is L; over one full-batch step it is L 
 
 TRL is extended by overriding one method, `compute_loss`; the collator subclass only carries the
 `weight` and `group` columns through to it.
+
+Packing (the default): a micro-batch's examples are concatenated into one row with no padding, and
+`position_ids` restart at 0 for each example. Transformers turns those restarts into a block-diagonal
+causal mask (flash-attention kernels take the sequence boundaries `cu_seq_lens` directly), so no token
+attends across examples, and no compute is spent on pad tokens: with lengths uniform in 256-1024 and
+batch 8, a padded batch is ~920 x 8 wide for ~640 x 8 real tokens, so ~30% of it is padding.
+Each example's NLL is then summed over its own segment of the row (`segment_ids`).
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ class SFTSettings:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     seed: int = field(default=0, metadata={"help": "data order and dropout"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "padding-free batches: examples concatenated into one row, positions restart per example"},
+    )
     group_by_length: bool = field(
         default=True, metadata={"help": "batch examples of similar length (less padding); order stays random"}
     )
@@ -101,6 +112,26 @@ def per_example_nll(log_probs: torch.Tensor, label_mask: torch.Tensor) -> torch.
     return -(log_probs * label_mask).sum(-1) / label_mask.sum(-1).clamp(min=1)
 
 
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the packed example each token belongs to: position_ids restart at 0 per example. (1, T) -> (1, T)."""
+    return (position_ids == 0).long().cumsum(-1) - 1
+
+
+def packed_per_example_nll(
+    log_probs: torch.Tensor, label_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """`per_example_nll` for one packed row: (1, T-1) next-token log-probs -> (n_examples,).
+
+    log_probs[:, t] scores token t+1, so it belongs to the example of token t+1.
+    """
+    owner = segment_ids(position_ids)[0, 1:]
+    n = int(owner.max()) + 1
+    mask = label_mask[0].to(log_probs.dtype)
+    total = log_probs.new_zeros(n).index_add(0, owner, log_probs[0] * mask)
+    count = mask.new_zeros(n).index_add(0, owner, mask)
+    return -total / count.clamp(min=1)
+
+
 def weighted_loss(per_example: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """mean_i(w_i · ℓ_i): equals α·mean_syn + (1−α)·mean_seed for weights from `example_weights`."""
     return (weights.to(per_example.dtype) * per_example).mean()
@@ -142,7 +173,8 @@ def build_dataset(
 
 
 class WeightedCollator(DataCollatorForLanguageModeling):
-    """TRL's padding collator, plus the per-example `weight` and `group` columns as tensors."""
+    """TRL's collator (padded, or packed with `padding_free=True`), plus the per-example `weight` and `group`
+    columns as tensors."""
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
@@ -164,7 +196,11 @@ class WeightedSFTTrainer(SFTTrainer):
         weights, groups = inputs.pop("weight"), inputs.pop("group")
         outputs = model(**inputs, use_cache=False, fused_lm_head=True)  # per-token log p, no full logits
         mask = outputs.label_mask.to(outputs.log_probs.dtype)
-        per_example = per_example_nll(outputs.log_probs, mask)
+        packed = "attention_mask" not in inputs
+        if packed:
+            per_example = packed_per_example_nll(outputs.log_probs, mask, inputs["position_ids"])
+        else:
+            per_example = per_example_nll(outputs.log_probs, mask)
         loss = weighted_loss(per_example, weights)
 
         # Metrics, averaged by TRL's `log`: each group's unweighted mean loss, and token accuracy.
@@ -177,7 +213,8 @@ class WeightedSFTTrainer(SFTTrainer):
                 accuracy = (outputs.is_top1 * mask).sum() / mask.sum().clamp(min=1)
                 self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
         if mode == "train":
-            self._total_train_tokens += int(inputs["attention_mask"].sum())
+            real = inputs["input_ids"].numel() if packed else int(inputs["attention_mask"].sum())
+            self._total_train_tokens += real
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
 
@@ -233,7 +270,7 @@ def make_trainer(
         args=sft_config(settings, output_dir),
         train_dataset=dataset,
         processing_class=tokenizer,
-        data_collator=WeightedCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=WeightedCollator(pad_token_id=tokenizer.pad_token_id, padding_free=settings.packing),
     )
 
 

@@ -13,9 +13,11 @@ from mainlib.sft import (
     SEED,
     SYNTHETIC,
     SFTSettings,
+    WeightedCollator,
     build_dataset,
     example_weights,
     make_trainer,
+    packed_per_example_nll,
     train_adapter,
     weight_pairs,
     weighted_loss,
@@ -63,23 +65,69 @@ def reference_nll(model, input_ids: torch.Tensor, labels: torch.Tensor, attentio
     return -(token_logp * mask).sum(-1) / mask.sum(-1)
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_trainer_loss_equals_alpha_mixture_on_a_fixed_batch(tiny_model_dir, tiny_tokenizer, tmp_path, direction):
+@pytest.mark.parametrize(("direction", "packing"), [("forward", False), ("reverse", False), ("forward", True)])
+def test_trainer_loss_equals_alpha_mixture_on_a_fixed_batch(
+    tiny_model_dir, tiny_tokenizer, tmp_path, direction, packing
+):
     alpha = 0.3
-    settings = SFTSettings(direction=direction, batch_size=8, max_length=128)
+    settings = SFTSettings(direction=direction, batch_size=8, max_length=128, packing=packing)
     dataset, counts = build_dataset(weight_pairs(SEED_PAIRS, SYNTHETIC_PAIRS, alpha), tiny_tokenizer, settings)
     assert counts["examples"] == 8
     model = add_lora(load_model(str(tiny_model_dir), "none"), LoraSettings(r=4, alpha=8, dropout=0.0))
     trainer = make_trainer(model, tiny_tokenizer, dataset, settings, tmp_path)
-    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    examples = [dataset[i] for i in range(len(dataset))]
+    batch = trainer.data_collator(examples)
+    assert ("position_ids" in batch and "attention_mask" not in batch) == packing
+    padded = WeightedCollator(pad_token_id=tiny_tokenizer.pad_token_id)(examples)  # the reference: one row each
     groups = batch["group"].clone()
     model.train()
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch))
-        nll = reference_nll(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        nll = reference_nll(model, padded["input_ids"], padded["labels"], padded["attention_mask"])
     expected = alpha * nll[groups == SYNTHETIC].mean() + (1 - alpha) * nll[groups == SEED].mean()
     assert abs(loss.item() - expected.item()) < 1e-5
     assert trainer._metrics["train"]["seed_loss"][-1] == pytest.approx(nll[groups == SEED].mean().item(), abs=1e-5)
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    """In a packed row each example's NLL and gradient are those of the example alone.
+
+    Rewriting the first example's tokens must not move the second one's NLL; and the packed row's
+    weighted loss has the padded batch's gradient.
+    """
+    settings = SFTSettings(batch_size=4, max_length=128, packing=True)
+    dataset, _ = build_dataset(SEED_PAIRS[:2] + SYNTHETIC_PAIRS[:2], tiny_tokenizer, settings)
+    model = add_lora(load_model(str(tiny_model_dir), "none"), LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # a non-zero B, so the adapter takes part in the gradients compared below
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    trainer = make_trainer(model, tiny_tokenizer, dataset, settings, tmp_path)
+    model.train()
+    examples = [dataset[i] for i in range(len(dataset))]
+
+    def packed_nll(rows):
+        batch = trainer.data_collator(rows)
+        out = model(**{k: v for k, v in batch.items() if k not in ("weight", "group")}, fused_lm_head=True)
+        return packed_per_example_nll(out.log_probs, out.label_mask, batch["position_ids"])
+
+    with torch.no_grad():
+        before = packed_nll(examples)
+        changed = dict(examples[0], input_ids=[(t * 7 + 3) % len(tiny_tokenizer) for t in examples[0]["input_ids"]])
+        after = packed_nll([changed, *examples[1:]])
+        alone = packed_nll(examples[1:2])
+    assert abs(after[0] - before[0]) > 1e-3  # the rewrite changed the first example ...
+    assert torch.allclose(after[1:], before[1:], atol=1e-6)  # ... and nothing else
+    assert abs(alone[0] - before[1]) < 1e-5
+
+    def grads(collator):
+        model.zero_grad()
+        trainer.compute_loss(model, dict(collator(examples))).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    packed_grad = grads(trainer.data_collator)
+    padded_grad = grads(WeightedCollator(pad_token_id=tiny_tokenizer.pad_token_id))
+    assert torch.allclose(packed_grad, padded_grad, rtol=1e-4, atol=1e-7), (packed_grad - padded_grad).abs().max()
 
 
 def test_4bit_lora_training_lowers_the_loss(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
