@@ -57,3 +57,80 @@ def test_finish_reasons(tiny_model, tiny_tokenizer) -> None:
     finally:
         head.weight.data.copy_(saved)
     assert stopped[0].finish_reason == "eos" and stopped[0].text == "" and stopped[0].new_tokens == 1
+
+
+def _prompts(tokenizer, texts):
+    return [f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n" for t in texts]
+
+
+def test_static_cache_engine_writes_what_the_dynamic_one_does(tiny_model, tiny_tokenizer) -> None:
+    prompts = _prompts(tiny_tokenizer, ["Hi", "Name a fruit.", "Write a long story about a dragon."])
+    greedy = GenerationSettings(max_new_tokens=10, temperature=0.0, engine="hf")
+    static = GenerationSettings(max_new_tokens=10, temperature=0.0, engine="static")
+    assert generate(tiny_model, tiny_tokenizer, prompts, static) == generate(
+        tiny_model, tiny_tokenizer, prompts, greedy
+    )
+
+
+def test_merged_copy_scores_like_the_adapter(tiny_model_dir, tiny_tokenizer) -> None:
+    import torch
+
+    from mainlib.generate import merged_for_inference
+    from mainlib.models import LoraSettings, add_lora
+
+    peft_model = add_lora(load_model(str(tiny_model_dir), "none"), LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # B starts at 0: give the adapter something to merge
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    merged = merged_for_inference(peft_model, torch.float32)
+    assert not hasattr(merged, "peft_config")
+    ids = torch.tensor([tiny_tokenizer("Name a fruit, please.")["input_ids"]])
+    with torch.no_grad():
+        want, got, base = (
+            m(input_ids=ids).logits for m in (peft_model.eval(), merged, load_model(str(tiny_model_dir)))
+        )
+    assert (want - base).abs().max() > 1e-2  # the adapter matters ...
+    assert torch.allclose(got, want, atol=1e-4)  # ... and the merged copy has it (seen: 3e-5, fp32 rounding)
+
+
+def test_vllm_engine_is_chosen_when_installed_and_maps_its_outputs(monkeypatch, tiny_model, tiny_tokenizer) -> None:
+    """A stand-in `vllm` module: the engine saves the model, submits token ids, and reads finish reasons."""
+    import importlib.machinery
+    import sys
+    import types
+    from pathlib import Path
+
+    import mainlib.generate as gen
+
+    seen: dict = {}
+    eos = tiny_tokenizer.eos_token_id
+
+    class LLM:
+        def __init__(self, model, **kwargs):
+            seen["saved"] = sorted(p.name for p in Path(model).iterdir())
+            seen["kwargs"] = kwargs
+
+        def generate(self, prompts, params, use_tqdm=True):
+            seen["prompts"], seen["params"] = prompts, params
+            done = types.SimpleNamespace(token_ids=[5, 6, eos], finish_reason="stop")
+            cut = types.SimpleNamespace(token_ids=[7, 8, 9], finish_reason="length")
+            return [types.SimpleNamespace(outputs=[done]), types.SimpleNamespace(outputs=[cut])]
+
+    fake = types.ModuleType("vllm")
+    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+    assert gen.vllm_available()
+    assert gen.resolve_engine(GenerationSettings()) == "hf"  # auto: vLLM needs CUDA
+    monkeypatch.setattr(gen.torch.cuda, "is_available", lambda: True)
+    assert gen.resolve_engine(GenerationSettings()) == "vllm"
+
+    settings = GenerationSettings(max_new_tokens=3, temperature=0.5, top_p=0.8, seed=4, engine="vllm")
+    out = gen.generate_ids(tiny_model, [[1, 2, 3], [4]], settings, [eos], tiny_tokenizer.pad_token_id)
+    assert [(o.token_ids, o.finish_reason, o.new_tokens) for o in out] == [([5, 6], "eos", 3), ([7, 8, 9], "length", 3)]
+    assert seen["prompts"] == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
+    assert seen["params"]["max_tokens"] == 3 and seen["params"]["stop_token_ids"] == [eos]
+    assert seen["params"]["temperature"] == 0.5 and seen["params"]["seed"] == 4
+    assert "config.json" in seen["saved"] and "model.safetensors" in seen["saved"]
