@@ -189,6 +189,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return tokenizer
 
 
+def attention_implementation(device: torch.device) -> str | None:
+    """flash_attention_2 on CUDA when the flash-attn package is installed (variable-length kernels: packed
+    SFT batches pay, see mainlib.sft); otherwise None, transformers' default (SDPA)."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 def load_model(
     name_or_path: str,
     quantization: Quantization = "auto",
@@ -199,6 +207,8 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     quant = quantization_config(quantization, device)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": compute_dtype(device)}
+    if (attention := attention_implementation(device)) is not None:
+        kwargs["attn_implementation"] = attention
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}

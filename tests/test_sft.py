@@ -165,3 +165,17 @@ def test_gradient_accumulation_keeps_the_example_mean(tiny_model_dir, tiny_token
         assert result.counts["optimizer_steps"] == 1
         first_losses.append(result.loss_values[0])
     assert max(first_losses) - min(first_losses) < 1e-5, first_losses
+
+
+def test_packing_is_chosen_by_the_attention_kernel(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    """Default (packing=None): padded, length-grouped batches under SDPA; packed rows under a varlen kernel."""
+    from types import SimpleNamespace
+
+    from mainlib.sft import packing_pays
+
+    model = add_lora(load_model(str(tiny_model_dir), "none"), LoraSettings(r=4, alpha=8, dropout=0.0))
+    assert not packing_pays(model)
+    dataset, _ = build_dataset(SEED_PAIRS, tiny_tokenizer, SFTSettings())
+    assert not make_trainer(model, tiny_tokenizer, dataset, SFTSettings(), tmp_path).data_collator.padding_free
+    for kernel, pays in (("flash_attention_2", True), ("flex_attention", True), ("sdpa", False), ("eager", False)):
+        assert packing_pays(SimpleNamespace(config=SimpleNamespace(_attn_implementation=kernel))) == pays

@@ -1,0 +1,86 @@
+"""python -m bench {sft,generate,score,tdpo,memory,all} --out results/bench/<gpu>.json [--smoke]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import generate, memory, score, tdpo
+from bench.measure import free_memory
+from bench.report import checks, plot, verdicts
+from bench.sft import SFTCase, run_case
+from mainlib.results import provenance, write_json
+
+
+def suites(smoke: bool) -> dict[str, Callable[[], dict]]:
+    """Each suite's full-size cases, or tiny ones (`--smoke`) that check the harness on a CPU in seconds."""
+    if smoke:
+        small = dict(lengths=(16, 64), warmup=1, steps=2)
+        return {
+            "sft": lambda: {"llama-3.2-1b": run_case(SFTCase("tiny", 4, **small))},
+            "generate": lambda: generate.run(
+                generate.GenerateCase("tiny", batch=4, prompt_len=16, new_tokens=8, repeats=1)
+            ),
+            "score": lambda: score.run(score.ScoreCase("tiny", pairs=8, lengths=(16, 64), repeats=1)),
+            "tdpo": lambda: tdpo.run(tdpo.DPOCase("tiny", 2, (8, 16), (8, 32), warmup=1, steps=2)),
+            "memory": lambda: memory.run(
+                SFTCase("tiny", 1, (128, 128), warmup=1, steps=1, gradient_checkpointing=True)
+            ),
+        }
+    return {
+        "sft": lambda: {
+            "llama-3.2-1b": run_case(SFTCase("llama-3.2-1b", 8)),
+            "llama-2-7b": run_case(SFTCase("llama-2-7b", 4, warmup=2, steps=6)),
+        },
+        "generate": lambda: generate.run(generate.GenerateCase("llama-3.2-1b")),
+        "score": lambda: score.run(score.ScoreCase("llama-3.2-1b")),
+        "tdpo": lambda: tdpo.run(tdpo.DPOCase("llama-3.2-1b")),
+        "memory": lambda: memory.run(
+            SFTCase("llama-2-7b", 1, (2048, 2048), warmup=1, steps=3, gradient_checkpointing=True)
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("suite", choices=["sft", "generate", "score", "tdpo", "memory", "all"])
+    parser.add_argument("--out", required=True, help="JSON file; suites already in it are kept unless rerun")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and a few steps (checks the harness)")
+    args = parser.parse_args(argv)
+
+    table = suites(args.smoke)
+    names = list(table) if args.suite == "all" else [args.suite]
+    out = Path(args.out)
+    payload = json.loads(out.read_text()) if out.is_file() else {"suites": {}, "commands": {}}
+    command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    for name in names:
+        start = time.perf_counter()
+        print(f"[bench] {name} ...", flush=True)
+        payload["suites"][name] = table[name]()
+        payload["suites"][name]["wall_seconds"] = time.perf_counter() - start
+        payload["commands"][name] = command
+        free_memory()
+        payload["verdicts"] = verdicts(payload["suites"])
+        payload["checks"] = checks(payload["suites"])
+        payload["smoke"] = args.smoke
+        payload["provenance"] = provenance()
+        write_json(out, payload)  # after every suite: a later crash keeps what was measured
+        print(json.dumps({k: v for k, v in payload["suites"][name].items() if k != "case"}, indent=1, default=str))
+    title = payload["provenance"]["device"] + (" (smoke: tiny shapes, not the targets' shapes)" if args.smoke else "")
+    plot(payload["verdicts"], title, out.with_suffix(".png"))
+    for row in payload["verdicts"]:
+        print(f"[bench] {row['target']}: {row['value']} {row['op']} {row['threshold']} -> {row['met']}")
+    failed = [k for k, ok in payload["checks"].items() if not ok]
+    if failed:
+        print(f"[bench] correctness checks FAILED: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

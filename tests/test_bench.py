@@ -1,0 +1,56 @@
+"""The benchmark harness runs every suite end to end on tiny shapes, and its correctness checks hold.
+
+The numbers themselves are CPU smoke numbers; the H100 figures come from the same code without --smoke.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main
+from bench.report import verdicts
+
+
+@pytest.mark.slow
+def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAINLIB_CACHE", str(tmp_path / "cache"))  # the random-weight shapes are built here
+    out = tmp_path / "bench" / "cpu.json"
+    assert main(["all", "--smoke", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    suites = payload["suites"]
+    assert set(suites) == {"sft", "generate", "score", "tdpo", "memory"}
+    sft = suites["sft"]["llama-3.2-1b"]
+    assert sft["stock"]["tokens_per_s"] > 0 and sft["ours"]["tokens_per_s"] > 0
+    # The same examples went through both (the timed steps may draw them in another order).
+    assert sft["stock"]["tokens_all_steps"] == sft["ours"]["tokens_all_steps"]
+    assert sft["stock"]["grad_checkpointing"] and not sft["ours"]["grad_checkpointing"]
+    assert set(suites["generate"]["variants"]) == {"hf", "merged", "merged_static"}
+    assert suites["generate"]["stock"]["new_tokens"] > 0
+    assert suites["score"]["speedup"] > 0 and suites["tdpo"]["step_time_ratio"] > 0
+    # Every fast path was compared with its plain path on the same batch, and agreed.
+    assert len(payload["checks"]) == 7 and all(payload["checks"].values()), payload["checks"]
+    assert suites["tdpo"]["check"]["unit_weights_loss_vs_stock"]["reference"] != pytest.approx(0.6931, abs=1e-3)
+    assert payload["commands"]["tdpo"] == f"python -m bench all --smoke --out {out}"
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+    # Rerunning one suite keeps the others.
+    assert main(["score", "--smoke", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["suites"]) == set(suites)
+
+
+def test_verdicts_read_each_target_the_right_way_round() -> None:
+    suites = {
+        "sft": {"llama-3.2-1b": {"speedup": 2.5, "memory_ratio": 1.2}},
+        "tdpo": {"step_time_ratio": 1.05, "memory_ratio": 1.1},
+        "score": {"speedup": 4.9},
+    }
+    got = {row["target"]: row["met"] for row in verdicts(suites)}
+    assert got["SFT 1B tokens/s vs stock"] is True
+    assert got["SFT 1B peak memory vs stock"] is False
+    assert got["token-weighted DPO step time vs stock"] is True
+    assert got["token-weighted DPO peak memory vs stock"] is False
+    assert got["scoring pairs/s vs naive loop"] is False
+    assert got["generation tokens/s vs stock"] is None  # not measured
