@@ -1,4 +1,9 @@
-"""python -m bench {sft,generate,score,tdpo,memory,all} --out results/bench/<gpu>.json [--smoke]"""
+"""python -m bench SUITE [SUITE ...] --out results/bench/<gpu>.json [--profile gpu|cpu|smoke]
+
+Suites: sft, generate, score, tdpo, memory, or all. Profiles size the cases: `gpu` (default) the issue's
+shapes and batches (Llama-3.2-1B / Llama-2-7B); `cpu` the bundled SmolLM2-135M shape at batches a 2-core
+CPU finishes in minutes (no memory suite: CPU has no peak-memory counter); `smoke` tiny shapes, seconds.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ from bench.sft import SFTCase, run_case
 from mainlib.results import provenance, write_json
 
 
-def suites(smoke: bool) -> dict[str, Callable[[], dict]]:
-    """Each suite's full-size cases, or tiny ones (`--smoke`) that check the harness on a CPU in seconds."""
-    if smoke:
+def suites(profile: str) -> dict[str, Callable[[], dict]]:
+    """Each suite's cases for a profile (see the module docstring). Keys name the target shapes."""
+    if profile == "smoke":
         small = dict(lengths=(16, 64), warmup=1, steps=2)
         return {
             "sft": lambda: {"llama-3.2-1b": run_case(SFTCase("tiny", 4, **small))},
@@ -31,6 +36,14 @@ def suites(smoke: bool) -> dict[str, Callable[[], dict]]:
             "memory": lambda: memory.run(
                 SFTCase("tiny", 1, (128, 128), warmup=1, steps=1, gradient_checkpointing=True)
             ),
+        }
+    if profile == "cpu":
+        shape = "smollm2-135m"
+        return {
+            "sft": lambda: {shape: run_case(SFTCase(shape, 4, (128, 512), warmup=1, steps=4))},
+            "generate": lambda: generate.run(generate.GenerateCase(shape, batch=16, prompt_len=64, new_tokens=64)),
+            "score": lambda: score.run(score.ScoreCase(shape, pairs=32, lengths=(128, 512), repeats=2)),
+            "tdpo": lambda: tdpo.run(tdpo.DPOCase(shape, 4, (64, 128), (64, 256), warmup=1, steps=4)),
         }
     return {
         "sft": lambda: {
@@ -48,13 +61,15 @@ def suites(smoke: bool) -> dict[str, Callable[[], dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suite", choices=["sft", "generate", "score", "tdpo", "memory", "all"])
+    parser.add_argument("suites", nargs="+", choices=["sft", "generate", "score", "tdpo", "memory", "all"])
     parser.add_argument("--out", required=True, help="JSON file; suites already in it are kept unless rerun")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes and a few steps (checks the harness)")
+    parser.add_argument("--profile", choices=["gpu", "cpu", "smoke"], default="gpu", help="case sizes")
     args = parser.parse_args(argv)
 
-    table = suites(args.smoke)
-    names = list(table) if args.suite == "all" else [args.suite]
+    table = suites(args.profile)
+    names = list(table) if "all" in args.suites else [n for n in table if n in args.suites]
+    if not names:
+        parser.error(f"profile {args.profile!r} has none of the suites {args.suites}")
     out = Path(args.out)
     payload = json.loads(out.read_text()) if out.is_file() else {"suites": {}, "commands": {}}
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -67,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         free_memory()
         payload["verdicts"] = verdicts(payload["suites"])
         payload["checks"] = checks(payload["suites"])
-        payload["smoke"] = args.smoke
+        payload.setdefault("profiles", {})[name] = args.profile
         payload["provenance"] = provenance()
         write_json(out, payload)  # after every suite: a later crash keeps what was measured
         print(json.dumps({k: v for k, v in payload["suites"][name].items() if k != "case"}, indent=1, default=str))
-    title = payload["provenance"]["device"] + (" (smoke: tiny shapes, not the targets' shapes)" if args.smoke else "")
+    shapes = {"gpu": "the targets' shapes", "cpu": "SmolLM2-135M shape, CPU batches", "smoke": "tiny shapes"}
+    title = f"{payload['provenance']['device']} ({shapes[args.profile]})"
     plot(payload["verdicts"], title, out.with_suffix(".png"))
     for row in payload["verdicts"]:
         print(f"[bench] {row['target']}: {row['value']} {row['op']} {row['threshold']} -> {row['met']}")

@@ -18,7 +18,7 @@ from bench.report import verdicts
 def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAINLIB_CACHE", str(tmp_path / "cache"))  # the random-weight shapes are built here
     out = tmp_path / "bench" / "cpu.json"
-    assert main(["all", "--smoke", "--out", str(out)]) == 0
+    assert main(["all", "--profile", "smoke", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     suites = payload["suites"]
     assert set(suites) == {"sft", "generate", "score", "tdpo", "memory"}
@@ -33,11 +33,11 @@ def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytes
     # Every fast path was compared with its plain path on the same batch, and agreed.
     assert len(payload["checks"]) == 7 and all(payload["checks"].values()), payload["checks"]
     assert suites["tdpo"]["check"]["unit_weights_loss_vs_stock"]["reference"] != pytest.approx(0.6931, abs=1e-3)
-    assert payload["commands"]["tdpo"] == f"python -m bench all --smoke --out {out}"
+    assert payload["commands"]["tdpo"] == f"python -m bench all --profile smoke --out {out}"
     assert out.with_suffix(".png").stat().st_size > 10_000
 
     # Rerunning one suite keeps the others.
-    assert main(["score", "--smoke", "--out", str(out)]) == 0
+    assert main(["score", "tdpo", "--profile", "smoke", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["suites"]) == set(suites)
 
 
