@@ -98,19 +98,20 @@ def run(case: DPOCase) -> dict:
             processing_class=tokenizer,
             peft_config=lora_config(LORA),
         )
-        record["stock"] = {**train_steps(stock, case.warmup, case.steps), "peak_gib": peak_gib()}
+        # The check first: both adapters are then fresh (same seeded A, same B), before training moves them apart.
         stock_loss = _loss_on(
             stock, [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in first], stock.data_collator
         )
+        record["stock"] = {**train_steps(stock, case.warmup, case.steps), "peak_gib": peak_gib()}
         del stock
         free_memory()
         settings = DPOSettings(batch_size=case.batch_size, gradient_checkpointing=STOCK_CHECKPOINTING)
         ours = make_trainer(load_model(str(path)), tokenizer, data, settings, out, peft_config=lora_config(LORA))
-        record["ours"] = {**train_steps(ours, case.warmup, case.steps), "peak_gib": peak_gib()}
         ours_loss = _loss_on(ours, unit, TokenWeightedCollator(pad_token_id=tokenizer.pad_token_id))
+        record["ours"] = {**train_steps(ours, case.warmup, case.steps), "peak_gib": peak_gib()}
         del ours
     free_memory()
-    fp32 = record["ours"]["dtype"] == "torch.float32"
+    fp32 = record["ours"]["dtype"] == "torch.float32"  # bf16 on GPU: rewards are differences of long sums
     record["check"] = {"unit_weights_loss_vs_stock": close(ours_loss, stock_loss, rel=1e-5 if fp32 else 2e-2)}
     record["step_time_ratio"] = ratio(record["ours"]["step_seconds_median"], record["stock"]["step_seconds_median"])
     record["memory_ratio"] = ratio(record["ours"]["peak_gib"], record["stock"]["peak_gib"])
