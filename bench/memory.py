@@ -10,10 +10,10 @@ TARGET_GIB = 12.0
 
 
 def run(case: SFTCase) -> dict:
-    record = {"bf16": run_case(case, stock=False)}
+    record = {"bf16": run_case(case)}
     if cuda():
         with pretend_no_bf16():
-            record["fp16_t4_path"] = run_case(case, stock=False)
+            record["fp16_t4_path"] = run_case(case)
     for key in ("bf16", "fp16_t4_path"):
         if key in record:
             peak = record[key]["ours"]["peak_gib"]

@@ -2,12 +2,14 @@
 
 Both load the model the same way (`mainlib.models.load_model`: 4-bit NF4 on CUDA, full precision on CPU)
 and get the same random examples; what differs is the trainer. Stock: `SFTTrainer` with its defaults
-(gradient checkpointing on, padded batches) and `peft_config`. Ours: `mainlib.sft.make_trainer` with
-packed (padding-free) batches and no gradient checkpointing unless asked.
+(gradient checkpointing on, padded batches) and `peft_config`. Ours: `mainlib.sft.make_trainer`, in the
+variants below, so one run shows which pays; `ours` is the first variant of the case (the library default
+unless the case says otherwise), and every variant's ratios are recorded.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -15,7 +17,7 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from bench.measure import close, free_memory, peak_gib, random_examples, ratio
+from bench.measure import close, cuda, free_memory, peak_gib, random_examples, ratio
 from bench.shapes import build_shape
 from bench.trainers import train_steps
 from mainlib.models import LoraSettings, add_lora, load_model, load_tokenizer, lora_config
@@ -26,6 +28,26 @@ from mainlib.training import run_arguments
 LORA = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One way to run our trainer. None keeps mainlib's default."""
+
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    packing: bool | None = None
+    liger: bool = False  # Liger's RMSNorm, RoPE and SwiGLU kernels (CUDA, when liger-kernel is installed)
+
+
+VARIANTS: dict[str, Variant] = {
+    "default": Variant(),  # SDPA, length-grouped padded batches, no checkpointing
+    "checkpointed": Variant(gradient_checkpointing=True),
+    "flex_packed": Variant(attn_implementation="flex_attention"),  # packing follows (varlen kernel)
+    "flex_packed_checkpointed": Variant(gradient_checkpointing=True, attn_implementation="flex_attention"),
+    "liger": Variant(liger=True),
+    "liger_checkpointed": Variant(gradient_checkpointing=True, liger=True),
+}
+
+
 @dataclass
 class SFTCase:
     shape: str
@@ -33,8 +55,31 @@ class SFTCase:
     lengths: tuple[int, int] = (256, 1024)
     warmup: int = 3
     steps: int = 10
-    gradient_checkpointing: bool = False  # ours; stock keeps TRL's default (on)
-    packing: bool | None = None  # ours; None: mainlib's default for this machine
+    variants: tuple[str, ...] = ("default",)
+    stock: bool = True
+
+
+def unavailable(variant: Variant) -> str | None:
+    """Why `variant` cannot train here, or None."""
+    if variant.liger and not cuda():
+        return "Liger kernels are Triton kernels: CUDA only"
+    if variant.liger and importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed"
+    if variant.attn_implementation == "flex_attention" and not cuda():
+        return "FlexAttention has no backward on CPU (torch 2.13)"
+    return None
+
+
+def apply_liger(model) -> None:
+    """Swap in Liger's fused RMSNorm, RoPE and SwiGLU on a loaded Llama (before LoRA wraps it).
+
+    Its fused linear + cross-entropy stays off: our loss already scores only target positions in chunks.
+    """
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
+    )
 
 
 def stock_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, out: str) -> SFTTrainer:
@@ -54,7 +99,7 @@ def stock_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, out: 
     )
 
 
-def our_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, out: str):
+def our_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, variant: Variant, out: str):
     data = Dataset.from_dict(
         {
             "input_ids": [e.input_ids for e in examples],
@@ -64,12 +109,16 @@ def our_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, out: st
         }
     )
     settings = SFTSettings(
-        batch_size=case.batch_size, max_length=case.lengths[1], gradient_checkpointing=case.gradient_checkpointing
+        batch_size=case.batch_size,
+        max_length=case.lengths[1],
+        gradient_checkpointing=variant.gradient_checkpointing,
+        packing=variant.packing,
     )
-    if case.packing is not None:
-        settings.packing = case.packing
     torch.manual_seed(0)
-    model = add_lora(load_model(str(path)), LORA, case.gradient_checkpointing)
+    model = load_model(str(path), attn_implementation=variant.attn_implementation)
+    if variant.liger:
+        apply_liger(model)
+    model = add_lora(model, LORA, variant.gradient_checkpointing)
     return make_trainer(model, tokenizer, data, settings, out)
 
 
@@ -87,27 +136,38 @@ def packed_equals_padded(trainer, rows: list[dict]) -> dict:
     return close(packed_loss, padded_loss, rel=tolerance)
 
 
-def run_case(case: SFTCase, stock: bool = True) -> dict:
-    """Stock then ours on the same examples; each measured from a fresh model load."""
+def run_case(case: SFTCase) -> dict:
+    """Stock, then each of our variants, on the same examples; each measured from a fresh model load."""
     path = build_shape(case.shape)
     tokenizer = load_tokenizer(str(path))
     examples = random_examples(case.batch_size * (case.warmup + case.steps), case.lengths, len(tokenizer), seed=0)
-    record: dict = {"case": asdict(case), "lora": asdict(LORA)}
+    record: dict = {"case": asdict(case), "lora": asdict(LORA), "variants": {}, "check": {}}
     with tempfile.TemporaryDirectory() as out:
-        if stock:
+        if case.stock:
             free_memory()
             trainer = stock_trainer(path, tokenizer, examples, case, out)
             record["stock"] = {**train_steps(trainer, case.warmup, case.steps), "peak_gib": peak_gib()}
             del trainer
-        free_memory()
-        trainer = our_trainer(path, tokenizer, examples, case, out)
-        record["ours"] = {**train_steps(trainer, case.warmup, case.steps), "peak_gib": peak_gib()}
-        record["ours"]["packed"] = bool(trainer.data_collator.padding_free)
-        rows = [trainer.train_dataset[i] for i in range(case.batch_size)]
-        record["check"] = {"packed_vs_padded_loss": packed_equals_padded(trainer, rows)}
-        del trainer
+        for name in case.variants:
+            variant = VARIANTS[name]
+            if why := unavailable(variant):
+                record["variants"][name] = {"skipped": why}
+                continue
+            free_memory()
+            trainer = our_trainer(path, tokenizer, examples, case, variant, out)
+            result = {**train_steps(trainer, case.warmup, case.steps), "peak_gib": peak_gib()}
+            result |= {"packed": bool(trainer.data_collator.padding_free), "variant": asdict(variant)}
+            if case.stock:
+                result["speedup"] = ratio(result["tokens_per_s"], record["stock"]["tokens_per_s"])
+                result["memory_ratio"] = ratio(result["peak_gib"], record["stock"]["peak_gib"])
+            record["variants"][name] = result
+            rows = [trainer.train_dataset[i] for i in range(case.batch_size)]
+            record["check"][f"{name}_packed_vs_padded_loss"] = packed_equals_padded(trainer, rows)
+            del trainer
     free_memory()
-    if stock:
-        record["speedup"] = ratio(record["ours"]["tokens_per_s"], record["stock"]["tokens_per_s"])
-        record["memory_ratio"] = ratio(record["ours"]["peak_gib"], record["stock"]["peak_gib"])
+    first = case.variants[0]
+    record["ours"] = {**record["variants"][first], "name": first}
+    if case.stock:
+        record["speedup"] = record["ours"].get("speedup")
+        record["memory_ratio"] = record["ours"].get("memory_ratio")
     return record

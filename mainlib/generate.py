@@ -47,6 +47,10 @@ class GenerationSettings:
     engine: Literal["auto", "hf", "static", "vllm"] = field(
         default="auto", metadata={"help": "auto: vllm when installed (and CUDA), else hf; see the module docstring"}
     )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "generate from a merged full-precision copy of a LoRA model (see merged_for_inference)"},
+    )
 
 
 Engine = Literal["hf", "static", "vllm"]
@@ -111,6 +115,8 @@ def generate_ids(
     engine = resolve_engine(settings)
     if engine == "vllm":
         return vllm_generate_ids(model, encoded, settings, eos_ids)
+    if settings.merge_adapter:
+        model = merged_for_inference(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

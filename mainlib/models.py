@@ -202,12 +202,17 @@ def load_model(
     quantization: Quantization = "auto",
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM for LoRA training or inference: QLoRA-ready on CUDA, full precision on CPU."""
+    """Load a causal LM for LoRA training or inference: QLoRA-ready on CUDA, full precision on CPU.
+
+    `attn_implementation` ("sdpa", "flex_attention", "flash_attention_2", ...) overrides the default of
+    `attention_implementation`.
+    """
     device = torch.device(device) if device is not None else default_device()
     quant = quantization_config(quantization, device)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": compute_dtype(device)}
-    if (attention := attention_implementation(device)) is not None:
+    if (attention := attn_implementation or attention_implementation(device)) is not None:
         kwargs["attn_implementation"] = attention
     if quant is not None:
         kwargs["quantization_config"] = quant

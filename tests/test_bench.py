@@ -27,11 +27,15 @@ def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytes
     # The same examples went through both (the timed steps may draw them in another order).
     assert sft["stock"]["tokens_all_steps"] == sft["ours"]["tokens_all_steps"]
     assert sft["stock"]["grad_checkpointing"] and not sft["ours"]["grad_checkpointing"]
+    variants = sft["variants"]
+    assert variants["checkpointed"]["grad_checkpointing"] and not variants["default"]["packed"]
+    assert variants["flex_packed"] == {"skipped": "FlexAttention has no backward on CPU (torch 2.13)"}
+    assert variants["liger"] == {"skipped": "Liger kernels are Triton kernels: CUDA only"}
     assert set(suites["generate"]["variants"]) == {"hf", "merged", "merged_static"}
     assert suites["generate"]["stock"]["new_tokens"] > 0
     assert suites["score"]["speedup"] > 0 and suites["tdpo"]["step_time_ratio"] > 0
     # Every fast path was compared with its plain path on the same batch, and agreed.
-    assert len(payload["checks"]) == 7 and all(payload["checks"].values()), payload["checks"]
+    assert len(payload["checks"]) == 8 and all(payload["checks"].values()), payload["checks"]
     assert suites["tdpo"]["check"]["unit_weights_loss_vs_stock"]["reference"] != pytest.approx(0.6931, abs=1e-3)
     assert payload["commands"]["tdpo"] == f"python -m bench all --profile smoke --out {out}"
     assert out.with_suffix(".png").stat().st_size > 10_000
@@ -54,3 +58,13 @@ def test_verdicts_read_each_target_the_right_way_round() -> None:
     assert got["token-weighted DPO peak memory vs stock"] is False
     assert got["scoring pairs/s vs naive loop"] is False
     assert got["generation tokens/s vs stock"] is None  # not measured
+
+
+@pytest.mark.parametrize(
+    ("device", "short"),
+    [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-40GB", "a100"), ("Tesla T4", "t4"), ("NVIDIA H200", "h200")],
+)
+def test_results_file_is_named_for_the_gpu(device: str, short: str) -> None:
+    from bench.gpu_name import short_name
+
+    assert short_name(device) == short

@@ -92,6 +92,12 @@ def test_merged_copy_scores_like_the_adapter(tiny_model_dir, tiny_tokenizer) -> 
         )
     assert (want - base).abs().max() > 1e-2  # the adapter matters ...
     assert torch.allclose(got, want, atol=1e-4)  # ... and the merged copy has it (seen: 3e-5, fp32 rounding)
+    prompts = _prompts(tiny_tokenizer, ["Hi", "Name a fruit."])
+    greedy = GenerationSettings(max_new_tokens=8, temperature=0.0, engine="hf")
+    merged_settings = GenerationSettings(**{**greedy.__dict__, "merge_adapter": True})
+    assert generate(peft_model, tiny_tokenizer, prompts, merged_settings) == generate(
+        merged, tiny_tokenizer, prompts, greedy
+    )
 
 
 def test_vllm_engine_is_chosen_when_installed_and_maps_its_outputs(monkeypatch, tiny_model, tiny_tokenizer) -> None:

@@ -179,3 +179,19 @@ def test_packing_is_chosen_by_the_attention_kernel(tiny_model_dir, tiny_tokenize
     assert not make_trainer(model, tiny_tokenizer, dataset, SFTSettings(), tmp_path).data_collator.padding_free
     for kernel, pays in (("flash_attention_2", True), ("flex_attention", True), ("sdpa", False), ("eager", False)):
         assert packing_pays(SimpleNamespace(config=SimpleNamespace(_attn_implementation=kernel))) == pays
+
+
+def test_packed_rows_under_flex_attention_score_like_padded_rows(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    """FlexAttention is a varlen kernel (mainlib packs under it on CUDA); forward only here: no CPU backward."""
+    model = load_model(str(tiny_model_dir), "none", attn_implementation="flex_attention")
+    model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    settings = SFTSettings(batch_size=4, max_length=128)
+    dataset, _ = build_dataset(SEED_PAIRS[:2] + SYNTHETIC_PAIRS[:2], tiny_tokenizer, settings)
+    trainer = make_trainer(model, tiny_tokenizer, dataset, settings, tmp_path)
+    assert trainer.data_collator.padding_free  # chosen by the kernel
+    rows = [dataset[i] for i in range(len(dataset))]
+    model.eval()
+    with torch.no_grad():
+        packed = trainer.compute_loss(model, dict(trainer.data_collator(rows)))
+        padded = trainer.compute_loss(model, dict(WeightedCollator(pad_token_id=tiny_tokenizer.pad_token_id)(rows)))
+    assert abs(packed.item() - padded.item()) < 1e-5
