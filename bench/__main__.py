@@ -22,6 +22,7 @@ from bench.sft import VARIANTS, SFTCase, run_case
 from mainlib.results import provenance, write_json
 
 SMOKE_VARIANTS = ("default", "checkpointed", "flex_packed", "liger")  # the last two: recorded as skipped on CPU
+CPU_VARIANTS = ("default", "checkpointed", "sdpa_packed")
 GPU_7B_VARIANTS = ("default", "checkpointed", "flex_packed_checkpointed", "liger_checkpointed")
 
 
@@ -34,7 +35,9 @@ def suites(profile: str) -> dict[str, Callable[[], dict]]:
             "generate": lambda: generate.run(
                 generate.GenerateCase("tiny", batch=4, prompt_len=16, new_tokens=8, repeats=1)
             ),
-            "score": lambda: score.run(score.ScoreCase("tiny", pairs=8, lengths=(16, 64), repeats=1)),
+            "score": lambda: score.run(
+                score.ScoreCase("tiny", pairs=8, lengths=(16, 64), repeats=1, max_batch_sizes=(None, 4))
+            ),
             "tdpo": lambda: tdpo.run(tdpo.DPOCase("tiny", 2, (8, 16), (8, 32), warmup=1, steps=2)),
             "memory": lambda: memory.run(
                 SFTCase("tiny", 1, (128, 128), warmup=1, steps=1, variants=("checkpointed",), stock=False)
@@ -43,11 +46,11 @@ def suites(profile: str) -> dict[str, Callable[[], dict]]:
     if profile == "cpu":
         shape = "smollm2-135m"
         return {
-            "sft": lambda: {
-                shape: run_case(SFTCase(shape, 4, (128, 512), warmup=1, steps=4, variants=("default", "checkpointed")))
-            },
+            "sft": lambda: {shape: run_case(SFTCase(shape, 4, (128, 512), warmup=1, steps=4, variants=CPU_VARIANTS))},
             "generate": lambda: generate.run(generate.GenerateCase(shape, batch=16, prompt_len=64, new_tokens=64)),
-            "score": lambda: score.run(score.ScoreCase(shape, pairs=32, lengths=(128, 512), repeats=2)),
+            "score": lambda: score.run(
+                score.ScoreCase(shape, pairs=32, lengths=(128, 512), repeats=2, max_batch_sizes=(None, 64))
+            ),
             "tdpo": lambda: tdpo.run(tdpo.DPOCase(shape, 4, (64, 128), (64, 256), warmup=1, steps=4)),
         }
     return {
@@ -56,7 +59,7 @@ def suites(profile: str) -> dict[str, Callable[[], dict]]:
             "llama-2-7b": run_case(SFTCase("llama-2-7b", 4, warmup=2, steps=6, variants=GPU_7B_VARIANTS)),
         },
         "generate": lambda: generate.run(generate.GenerateCase("llama-3.2-1b")),
-        "score": lambda: score.run(score.ScoreCase("llama-3.2-1b")),
+        "score": lambda: score.run(score.ScoreCase("llama-3.2-1b", max_batch_sizes=(None, 16, 128))),
         "tdpo": lambda: tdpo.run(tdpo.DPOCase("llama-3.2-1b")),
         "memory": lambda: memory.run(
             SFTCase("llama-2-7b", 1, (2048, 2048), warmup=1, steps=3, variants=("checkpointed",), stock=False)

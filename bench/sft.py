@@ -41,6 +41,7 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "default": Variant(),  # SDPA, length-grouped padded batches, no checkpointing
     "checkpointed": Variant(gradient_checkpointing=True),
+    "sdpa_packed": Variant(packing=True),  # packed rows under SDPA: a dense block-diagonal mask
     "flex_packed": Variant(attn_implementation="flex_attention"),  # packing follows (varlen kernel)
     "flex_packed_checkpointed": Variant(gradient_checkpointing=True, attn_implementation="flex_attention"),
     "liger": Variant(liger=True),
