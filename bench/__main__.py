@@ -1,6 +1,7 @@
 """python -m bench SUITE [SUITE ...] --out results/bench/<gpu>.json [--profile gpu|cpu|smoke]
 
-Suites: sft, generate, score, tdpo, memory, or all. Profiles size the cases: `gpu` (default) the issue's
+Suites: sft, generate, score, tdpo, memory, or all; `sft/<shape>` runs one shape of `sft` (e.g.
+`sft/llama-2-7b`), so that a long suite can be split across calls. Profiles size the cases: `gpu` (default) the issue's
 shapes and batches (Llama-3.2-1B / Llama-2-7B); `cpu` the bundled SmolLM2-135M shape at batches a 2-core
 CPU finishes in minutes (no memory suite: CPU has no peak-memory counter); `smoke` tiny shapes, seconds.
 """
@@ -31,7 +32,7 @@ def suites(profile: str) -> dict[str, Callable[[], dict]]:
     if profile == "smoke":
         small = dict(lengths=(16, 64), warmup=1, steps=2)
         return {
-            "sft": lambda: {"llama-3.2-1b": run_case(SFTCase("tiny", 4, **small, variants=SMOKE_VARIANTS))},
+            "sft/llama-3.2-1b": lambda: run_case(SFTCase("tiny", 4, **small, variants=SMOKE_VARIANTS)),
             "generate": lambda: generate.run(
                 generate.GenerateCase("tiny", batch=4, prompt_len=16, new_tokens=8, repeats=1)
             ),
@@ -46,7 +47,7 @@ def suites(profile: str) -> dict[str, Callable[[], dict]]:
     if profile == "cpu":
         shape = "smollm2-135m"
         return {
-            "sft": lambda: {shape: run_case(SFTCase(shape, 4, (128, 512), warmup=1, steps=4, variants=CPU_VARIANTS))},
+            f"sft/{shape}": lambda: run_case(SFTCase(shape, 4, (128, 512), warmup=1, steps=4, variants=CPU_VARIANTS)),
             "generate": lambda: generate.run(generate.GenerateCase(shape, batch=16, prompt_len=64, new_tokens=64)),
             "score": lambda: score.run(
                 score.ScoreCase(shape, pairs=32, lengths=(128, 512), repeats=2, max_batch_sizes=(None, 64))
@@ -54,10 +55,8 @@ def suites(profile: str) -> dict[str, Callable[[], dict]]:
             "tdpo": lambda: tdpo.run(tdpo.DPOCase(shape, 4, (64, 128), (64, 256), warmup=1, steps=4)),
         }
     return {
-        "sft": lambda: {
-            "llama-3.2-1b": run_case(SFTCase("llama-3.2-1b", 8, variants=tuple(VARIANTS))),
-            "llama-2-7b": run_case(SFTCase("llama-2-7b", 4, warmup=2, steps=6, variants=GPU_7B_VARIANTS)),
-        },
+        "sft/llama-3.2-1b": lambda: run_case(SFTCase("llama-3.2-1b", 8, variants=tuple(VARIANTS))),
+        "sft/llama-2-7b": lambda: run_case(SFTCase("llama-2-7b", 4, warmup=2, steps=6, variants=GPU_7B_VARIANTS)),
         "generate": lambda: generate.run(generate.GenerateCase("llama-3.2-1b")),
         "score": lambda: score.run(score.ScoreCase("llama-3.2-1b", max_batch_sizes=(None, 16, 128))),
         "tdpo": lambda: tdpo.run(tdpo.DPOCase("llama-3.2-1b")),
@@ -67,25 +66,37 @@ def suites(profile: str) -> dict[str, Callable[[], dict]]:
     }
 
 
+def selected(table: dict, requested: list[str]) -> list[str]:
+    """The units of `table` that `requested` names: `all`, a suite (`sft`: every shape), or one unit."""
+    if "all" in requested:
+        return list(table)
+    return [unit for unit in table if any(unit == r or unit.startswith(r + "/") for r in requested)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suites", nargs="+", choices=["sft", "generate", "score", "tdpo", "memory", "all"])
+    parser.add_argument("suites", nargs="+", help="sft, sft/<shape>, generate, score, tdpo, memory or all")
     parser.add_argument("--out", required=True, help="JSON file; suites already in it are kept unless rerun")
     parser.add_argument("--profile", choices=["gpu", "cpu", "smoke"], default="gpu", help="case sizes")
     args = parser.parse_args(argv)
 
     table = suites(args.profile)
-    names = list(table) if "all" in args.suites else [n for n in table if n in args.suites]
+    names = selected(table, args.suites)
     if not names:
-        parser.error(f"profile {args.profile!r} has none of the suites {args.suites}")
+        parser.error(f"profile {args.profile!r} has none of {args.suites}; it has: {', '.join(table)}")
     out = Path(args.out)
     payload = json.loads(out.read_text()) if out.is_file() else {"suites": {}, "commands": {}}
     command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     for name in names:
         start = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
-        payload["suites"][name] = table[name]()
-        payload["suites"][name]["wall_seconds"] = time.perf_counter() - start
+        result = table[name]()
+        result["wall_seconds"] = time.perf_counter() - start
+        suite, _, shape = name.partition("/")
+        if shape:  # sft/<shape> -> suites["sft"][shape]
+            payload["suites"].setdefault(suite, {})[shape] = result
+        else:
+            payload["suites"][suite] = result
         payload["commands"][name] = command
         free_memory()
         payload["verdicts"] = verdicts(payload["suites"])
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         payload.setdefault("profiles", {})[name] = args.profile
         payload["provenance"] = provenance()
         write_json(out, payload)  # after every suite: a later crash keeps what was measured
-        print(json.dumps({k: v for k, v in payload["suites"][name].items() if k != "case"}, indent=1, default=str))
+        print(json.dumps({k: v for k, v in result.items() if k != "case"}, indent=1, default=str))
     shapes = {"gpu": "the targets' shapes", "cpu": "SmolLM2-135M shape, CPU batches", "smoke": "tiny shapes"}
     title = f"{payload['provenance']['device']} ({shapes[args.profile]})"
     plot(payload["verdicts"], title, out.with_suffix(".png"))

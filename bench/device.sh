@@ -2,8 +2,11 @@
 # Run benchmark suites on the offline GPU machine and keep the results and a log.
 #
 # Here, once:   ../shared/gpu/stage-wheels.sh liger-kernel==0.8.5     (writes .whl/, git-ignored, ~57 MB)
-# There:        bash bench/device.sh sft memory        then        bash bench/device.sh generate score tdpo
-#               (two calls of the device tool with carry [".whl"]: each stays well inside 10 minutes)
+# There, one device-tool call each (carry [".whl"]), so that each stays inside 10 minutes:
+#               bash bench/device.sh sft/llama-3.2-1b
+#               bash bench/device.sh sft/llama-2-7b
+#               bash bench/device.sh memory
+#               bash bench/device.sh generate score tdpo
 # Results go to results/bench/<gpu>.json and .png in the working copy (kept between calls while the
 # machine is warm; each call updates only its suites) and are copied to $OUT when it is set.
 set -euo pipefail

@@ -41,7 +41,9 @@ def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytes
     assert payload["commands"]["tdpo"] == f"python -m bench all --profile smoke --out {out}"
     assert out.with_suffix(".png").stat().st_size > 10_000
 
-    # Rerunning one suite keeps the others.
+    # Rerunning one suite, or one shape of one, keeps the others.
+    assert main(["sft/llama-3.2-1b", "--profile", "smoke", "--out", str(out)]) == 0
+    assert "sft/llama-3.2-1b" in json.loads(out.read_text())["commands"]
     assert main(["score", "tdpo", "--profile", "smoke", "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["suites"]) == set(suites)
 
