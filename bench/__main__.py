@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import generate, memory, score, tdpo
-from bench.measure import free_memory
+from bench.measure import TRACE, free_memory
 from bench.report import checks, plot, verdicts
 from bench.sft import VARIANTS, SFTCase, run_case
 from mainlib.results import provenance, write_json
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suites", nargs="+", help="sft, sft/<shape>, generate, score, tdpo, memory or all")
     parser.add_argument("--out", required=True, help="JSON file; suites already in it are kept unless rerun")
     parser.add_argument("--profile", choices=["gpu", "cpu", "smoke"], default="gpu", help="case sizes")
+    parser.add_argument("--trace", action="store_true", help="also profile one more call of each path")
     args = parser.parse_args(argv)
+    TRACE["on"] = args.trace
 
     table = suites(args.profile)
     names = selected(table, args.suites)

@@ -3,10 +3,12 @@
 #
 # Here, once:   ../shared/gpu/stage-wheels.sh liger-kernel==0.8.5     (writes .whl/, git-ignored, ~57 MB)
 # There, one device-tool call each (carry [".whl"]), so that each stays inside 10 minutes:
-#               bash bench/device.sh sft/llama-3.2-1b
-#               bash bench/device.sh sft/llama-2-7b
+#               bash bench/device.sh sft/llama-3.2-1b --trace
+#               bash bench/device.sh sft/llama-2-7b --trace
 #               bash bench/device.sh memory
-#               bash bench/device.sh generate score tdpo
+#               bash bench/device.sh generate score tdpo --trace
+# (--trace: one more call of each path under torch.profiler: its heaviest operators and how busy the GPU
+# was, the "where the time goes" for any target that is not met)
 # Results go to results/bench/<gpu>.json and .png in the working copy (kept between calls while the
 # machine is warm; each call updates only its suites) and are copied to $OUT when it is set.
 set -euo pipefail

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.measure import free_memory, peak_gib, timed
+from bench.measure import free_memory, peak_gib, timed, trace
 from bench.sft import LORA
 from bench.shapes import EOS_ID, PAD_ID, build_shape
 from mainlib.generate import GenerationSettings, generate_ids, merged_for_inference
@@ -96,6 +96,7 @@ def run(case: GenerateCase) -> dict:
         }
 
     record["stock"] = measure(lambda: stock_generate(model, prompts, case))
+    record["stock"]["trace"] = trace(lambda: stock_generate(model, prompts, case))
     few = prompts[:8]
     greedy_case = GenerateCase(**{**asdict(case), "new_tokens": 32})
     stock_greedy = stock_generate(model, few, greedy_case, sample=False)
@@ -107,6 +108,7 @@ def run(case: GenerateCase) -> dict:
             merged = merged_for_inference(model)
         target = merged if variant.startswith("merged") else model
         record["variants"][variant] = measure(lambda t=target, e=engine: ours_generate(t, prompts, case, e))
+        record["variants"][variant]["trace"] = trace(lambda t=target, e=engine: ours_generate(t, prompts, case, e))
         greedy = ours_generate(target, few, greedy_case, engine, sample=False)
         reference = stock_greedy if target is model else ours_generate(merged, few, greedy_case, "hf", sample=False)
         agree = sum(a == b for x, y in zip(greedy, reference, strict=True) for a, b in zip(x, y, strict=False))

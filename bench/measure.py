@@ -111,3 +111,48 @@ def close(got: float, want: float, rel: float, abs_: float = 0.0) -> dict:
         "tolerance": max(abs_, rel * abs(want)),
         "ok": diff <= max(abs_, rel * abs(want)),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the time goes (--trace): the heaviest operators of one more call, and how busy the device was
+# --------------------------------------------------------------------------------------------------
+
+TRACE = {"on": False}  # set by `python -m bench --trace`
+
+
+def _self_time(event) -> float:
+    """Self time in microseconds on the device (GPU) or, without one, on the CPU."""
+    if cuda():
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+    return float(event.self_cpu_time_total)
+
+
+def trace(fn: Callable[[], object], top: int = 12) -> dict | None:
+    """Profile one call of `fn` when tracing is on: its top operators by self time, and device-busy share.
+
+    On a GPU, `device_busy` = summed kernel time / wall time of the call: well under 1 means the call is
+    bound by launches and Python, not by the GPU (what decides between CUDA graphs and bigger batches).
+    """
+    if not TRACE["on"]:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else [])
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    wall = time.perf_counter() - start
+    events = list(prof.key_averages())
+    total = sum(_self_time(e) for e in events) or 1.0
+    heaviest = sorted(events, key=_self_time, reverse=True)[:top]
+    return {
+        "wall_s": wall,
+        "timed_on": "cuda" if cuda() else "cpu",
+        "device_busy": (total / 1e6) / wall if cuda() else None,
+        "top_ops": [
+            {"op": e.key, "self_ms": _self_time(e) / 1e3, "share": _self_time(e) / total, "calls": e.count}
+            for e in heaviest
+        ],
+    }

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.measure import free_memory, peak_gib, random_examples, timed
+from bench.measure import free_memory, peak_gib, random_examples, timed, trace
 from bench.sft import LORA
 from bench.shapes import build_shape
 from mainlib.models import add_lora, load_model
@@ -50,6 +50,7 @@ def run(case: ScoreCase) -> dict:
     free_memory()
     stock_times = timed(lambda i: naive_means(model, examples), case.warmup, case.repeats)
     record: dict = {"case": asdict(case), "stock": _rates(stock_times.median, case.pairs, targets, peak_gib())}
+    record["stock"]["trace"] = trace(lambda: naive_means(model, examples))
     record["variants"], record["check"] = {}, {}
     naive = naive_means(model, examples)
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
@@ -63,6 +64,7 @@ def run(case: ScoreCase) -> dict:
             **result,
             "settings": asdict(settings),
             "speedup": stock_times.median / times.median,
+            "trace": trace(lambda s=settings: score_encoded(model, examples, s)),
         }
         ours = [s.mean for s in score_encoded(model, examples, settings)]
         worst = max(abs(a - b) for a, b in zip(ours, naive, strict=True))

@@ -17,9 +17,9 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from bench.measure import close, cuda, free_memory, peak_gib, random_examples, ratio
+from bench.measure import close, cuda, free_memory, peak_gib, random_examples, ratio, trace
 from bench.shapes import build_shape
-from bench.trainers import train_steps
+from bench.trainers import one_more_step, train_steps
 from mainlib.models import LoraSettings, add_lora, load_model, load_tokenizer, lora_config
 from mainlib.prompts import Encoded
 from mainlib.sft import SFTSettings, WeightedCollator, make_trainer
@@ -148,6 +148,7 @@ def run_case(case: SFTCase) -> dict:
             free_memory()
             trainer = stock_trainer(path, tokenizer, examples, case, out)
             record["stock"] = {**train_steps(trainer, case.warmup, case.steps), "peak_gib": peak_gib()}
+            record["stock"]["trace"] = trace(lambda t=trainer: one_more_step(t))
             del trainer
         for name in case.variants:
             variant = VARIANTS[name]
@@ -164,6 +165,7 @@ def run_case(case: SFTCase) -> dict:
             record["variants"][name] = result
             rows = [trainer.train_dataset[i] for i in range(case.batch_size)]
             record["check"][f"{name}_packed_vs_padded_loss"] = packed_equals_padded(trainer, rows)
+            result["trace"] = trace(lambda t=trainer: one_more_step(t))
             del trainer
     free_memory()
     first = case.variants[0]

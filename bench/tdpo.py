@@ -15,10 +15,10 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from bench.measure import close, free_memory, peak_gib, ratio
+from bench.measure import close, free_memory, peak_gib, ratio, trace
 from bench.sft import LORA
 from bench.shapes import EOS_ID, PAD_ID, build_shape
-from bench.trainers import train_steps
+from bench.trainers import one_more_step, train_steps
 from mainlib.models import load_model, load_tokenizer, lora_config
 from mainlib.musc.tdpo import DPOSettings, TokenWeightedCollator, make_trainer
 from mainlib.training import run_arguments
@@ -103,12 +103,14 @@ def run(case: DPOCase) -> dict:
             stock, [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in first], stock.data_collator
         )
         record["stock"] = {**train_steps(stock, case.warmup, case.steps), "peak_gib": peak_gib()}
+        record["stock"]["trace"] = trace(lambda t=stock: one_more_step(t))
         del stock
         free_memory()
         settings = DPOSettings(batch_size=case.batch_size, gradient_checkpointing=STOCK_CHECKPOINTING)
         ours = make_trainer(load_model(str(path)), tokenizer, data, settings, out, peft_config=lora_config(LORA))
         ours_loss = _loss_on(ours, unit, TokenWeightedCollator(pad_token_id=tokenizer.pad_token_id))
         record["ours"] = {**train_steps(ours, case.warmup, case.steps), "peak_gib": peak_gib()}
+        record["ours"]["trace"] = trace(lambda t=ours: one_more_step(t))
         del ours
     free_memory()
     fp32 = record["ours"]["dtype"] == "torch.float32"  # bf16 on GPU: rewards are differences of long sums

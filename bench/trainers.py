@@ -66,3 +66,9 @@ def train_steps(trainer, warmup: int, steps: int) -> dict:
 
 def lora_param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def one_more_step(trainer) -> None:
+    """One optimiser step through `trainer.train()` again (for `measure.trace`)."""
+    trainer.args.max_steps = 1
+    trainer.train()

@@ -18,7 +18,7 @@ from bench.report import verdicts
 def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAINLIB_CACHE", str(tmp_path / "cache"))  # the random-weight shapes are built here
     out = tmp_path / "bench" / "cpu.json"
-    assert main(["all", "--profile", "smoke", "--out", str(out)]) == 0
+    assert main(["all", "--profile", "smoke", "--trace", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     suites = payload["suites"]
     assert set(suites) == {"sft", "generate", "score", "tdpo", "memory"}
@@ -38,14 +38,20 @@ def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytes
     assert set(suites["score"]["variants"]) == {"default", "rows_4"}
     assert len(payload["checks"]) == 9 and all(payload["checks"].values()), payload["checks"]
     assert suites["tdpo"]["check"]["unit_weights_loss_vs_stock"]["reference"] != pytest.approx(0.6931, abs=1e-3)
-    assert payload["commands"]["tdpo"] == f"python -m bench all --profile smoke --out {out}"
+    assert payload["commands"]["tdpo"] == f"python -m bench all --profile smoke --trace --out {out}"
     assert out.with_suffix(".png").stat().st_size > 10_000
+    # --trace: one more call of each path under the profiler, its heaviest operators.
+    for traced in (sft["stock"], sft["ours"], suites["generate"]["stock"], suites["score"]["ours"]):
+        ops = traced["trace"]["top_ops"]
+        assert ops and all(op["self_ms"] >= 0 for op in ops) and sum(op["share"] for op in ops) <= 1.0 + 1e-9
+    assert any("addmm" in op["op"] or "mm" in op["op"] for op in sft["ours"]["trace"]["top_ops"])
 
     # Rerunning one suite, or one shape of one, keeps the others.
     assert main(["sft/llama-3.2-1b", "--profile", "smoke", "--out", str(out)]) == 0
     assert "sft/llama-3.2-1b" in json.loads(out.read_text())["commands"]
     assert main(["score", "tdpo", "--profile", "smoke", "--out", str(out)]) == 0
-    assert set(json.loads(out.read_text())["suites"]) == set(suites)
+    rerun = json.loads(out.read_text())["suites"]
+    assert set(rerun) == set(suites) and rerun["score"]["ours"]["trace"] is None  # no --trace this time
 
 
 def test_verdicts_read_each_target_the_right_way_round() -> None:
