@@ -235,7 +235,7 @@ def vllm_generate_ids(
     for out in outputs:
         completion = out.outputs[0]
         ids = list(completion.token_ids)
-        if completion.finish_reason == "stop":  # vLLM includes no stop token for stop_token_ids; drop one if it did
+        if completion.finish_reason == "stop":  # a stop token may be kept in token_ids: drop it if so
             results.append(TokenGeneration(ids[:-1] if ids and ids[-1] in eos_ids else ids, "eos"))
         else:
             results.append(TokenGeneration(ids, "length"))
