@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from transformers import TrainerCallback
 
 from bench.measure import Timing, sync
@@ -62,10 +61,6 @@ def train_steps(trainer, warmup: int, steps: int) -> dict:
         "grad_checkpointing": bool(getattr(trainer.args, "gradient_checkpointing", False)),
         "dtype": str(next(p for p in trainer.model.parameters() if p.requires_grad).dtype),
     }
-
-
-def lora_param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def one_more_step(trainer) -> None:

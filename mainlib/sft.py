@@ -19,9 +19,9 @@ TRL is extended by overriding one method, `compute_loss`; the collator subclass 
 Packing: a micro-batch's examples are concatenated into one row with no padding, and `position_ids`
 restart at 0 for each example. Transformers turns those restarts into a block-diagonal causal mask
 (flash-attention kernels take the sequence boundaries `cu_seq_lens` directly), so no token attends across
-examples, and no compute is spent on pad tokens. Each example's NLL is summed over its own segment of the
-row (`segment_ids`). With a variable-length attention kernel (flash-attention, FlexAttention) it cannot
-lose: each example attends only within itself and no pad token is computed. With SDPA the block-diagonal
+examples. Each example's NLL is summed over its own segment of the row (`segment_ids`). With a
+variable-length attention kernel (flash-attention, FlexAttention) packing cannot lose: each example attends
+only within itself and no pad token is computed. With SDPA the block-diagonal
 mask is applied to one dense (T_total x T_total) attention, so whether it pays depends on the shape:
 measured on CPU against stock TRL, a tiny Llama (hidden 64, lengths 256-1024, batch 8) ran packed at 0.86x
 and length-grouped padded at 1.91x; the SmolLM2-135M shape (lengths 128-512, batch 4) packed at 1.72x and
