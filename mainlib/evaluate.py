@@ -1,59 +1,141 @@
 """Benchmarks with lm-evaluation-harness (ALGORITHMS.md §4): MMLU, GSM8K, HumanEval, IFEval.
 
-`evaluate(model, adapter, tasks, ...)` loads the model the way training does (4-bit on CUDA, full precision
-on CPU; a mainlib adapter on top), wraps it in lm-eval's `HFLM` and calls `lm_eval.simple_evaluate`.
+`compare(model, {label: adapter_or_None}, tasks, **settings)` loads the base model once (4-bit on CUDA, full
+precision on CPU), puts every adapter on it as a named peft adapter, and runs `lm_eval.simple_evaluate` for
+each label with that adapter active (the base: all adapters disabled). `evaluate(model, adapter, ...)` is
+the one-model case. Settings are `EvalSettings` (the one list of what can be set: function, CLI, notebook 05).
 
-- `data="hub"`: lm-eval's built-in tasks (`mmlu`, `gsm8k`, `humaneval`, `ifeval`), which download their data.
-- `data="bundled"` / `"full"`: the offline twins in `mainlib/tasks/` (same prompts, filters and metrics)
-  over the bundled subsets or the full sets in $MAINLIB_DATA_DIR; nothing is downloaded.
+- Chat template: `apply_chat_template="auto"` uses it when the tokenizer has one (instruct models, and the
+  adapters trained on them), with few-shot examples as a multi-turn chat, as lm-eval recommends.
+- Generation: lm-eval's per-task settings (IFEval 1,280 new tokens, GSM8K's stop sequences); `max_gen_toks`
+  caps them only when set, and every table then says so. Greedy generation runs through `mainlib.lm`
+  (continuous batching: the same outputs, several times faster when some answers run to the cap).
+- `data="hub"`: lm-eval's built-in tasks (they download); `"bundled"` / `"full"`: the offline twins in
+  `mainlib/tasks/` over the bundled subsets or `$MAINLIB_DATA_DIR`.
 
-Each (model, adapter, task) gets one JSON under `results/<run_name>/eval/`: lm-eval's own output for the
-task, and summary rows (task, metric, value, stderr, n, model, adapter, seconds). The notebook 05 and the
-CLI (`python -m mainlib.evaluate --help`) go through the same function, so they give the same numbers.
+Each (label, task) gets one JSON under `results/<run_name>/eval/`: the settings as used, lm-eval's own output,
+response-length statistics of generative tasks, and summary rows (task, metric, value, stderr, n, seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import hashlib
 import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from mainlib.execution import OPT_IN_MESSAGE, OPT_IN_VARIABLE, CodeExecutionNotAllowed
-from mainlib.results import provenance, write_json
+from mainlib.results import provenance, write_json, write_jsonl
 
 DataSource = Literal["hub", "bundled", "full"]
 BENCHMARKS = ("mmlu", "gsm8k", "humaneval", "ifeval")
 
 # lm-eval task (or group) name per benchmark and data source
 TASK_NAMES: dict[str, dict[str, str]] = {
-    "hub": {"mmlu": "mmlu", "gsm8k": "gsm8k", "humaneval": "humaneval", "ifeval": "ifeval"},
+    "hub": {
+        "mmlu": "mmlu",
+        "mmlu_cloze": "mmlu_continuation",
+        "gsm8k": "gsm8k",
+        "humaneval": "humaneval",
+        "ifeval": "ifeval",
+    },
     "bundled": {
         "mmlu": "mainlib_mmlu_bundled",
+        "mmlu_cloze": "mainlib_mmlu_cloze_bundled",
         "gsm8k": "mainlib_gsm8k",
         "humaneval": "mainlib_humaneval",
         "ifeval": "mainlib_ifeval",
     },
     "full": {
         "mmlu": "mainlib_mmlu",
+        "mmlu_cloze": "mainlib_mmlu_cloze",
         "gsm8k": "mainlib_gsm8k",
         "humaneval": "mainlib_humaneval",
         "ifeval": "mainlib_ifeval",
     },
 }
 
+# `mmlu_cloze` (the answer text is scored, not its letter) is the form small models' cards report MMLU in.
 # The number each benchmark is reported by (the rest of lm-eval's metrics stay in the JSON)
 HEADLINE = {
     "mmlu": "acc,none",
+    "mmlu_cloze": "acc_norm,none",
     "gsm8k": "exact_match,flexible-extract",
     "humaneval": "pass@1,create_test",
     "ifeval": "prompt_level_strict_acc,none",
 }
+
+
+@dataclass
+class EvalSettings:
+    """What an evaluation can be told; the function, the CLI and notebook 05 all go through this."""
+
+    tasks: list[str] = field(
+        default_factory=lambda: list(BENCHMARKS),
+        metadata={"help": "benchmarks (mmlu, gsm8k, humaneval, ifeval) or any lm-eval task/group name"},
+    )
+    data: str | None = field(default=None, metadata={"help": "hub, bundled or full; None: hub on CUDA, bundled on CPU"})
+    limit: int | float | None = field(
+        default=None, metadata={"help": "documents per task (an int >= 1) or a fraction (0 < f < 1); None: all"}
+    )
+    num_fewshot: int | None = field(default=None, metadata={"help": "None: each task's own (GSM8K 5, MMLU 0)"})
+    batch_size: int | str = field(default="auto", metadata={"help": "lm-eval batch size (an int or 'auto')"})
+    max_gen_toks: int | None = field(
+        default=None,
+        metadata={"help": "cap on new tokens for every generative task; None keeps lm-eval's per-task settings"},
+    )
+    apply_chat_template: bool | str = field(
+        default="auto",
+        metadata={"help": "'auto' (when the tokenizer has a chat template), True or False"},
+    )
+    headline: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "benchmark -> 'metric,filter' reported in tables (overrides HEADLINE)"},
+    )
+    generation_slots: int = field(
+        default=16,
+        metadata={"help": "rows decoded together in greedy generation (continuous batching); 0: lm-eval's own"},
+    )
+    quantization: str = field(default="auto", metadata={"help": "auto, 4bit or none"})
+    allow_code_execution: bool = field(default=False, metadata={"help": "needed for humaneval (runs model code)"})
+    seed: int = field(default=0, metadata={"help": "lm-eval's python / numpy / torch / few-shot seeds"})
+    run_name: str = field(default="eval", metadata={"help": "results go to <results_dir>/<run_name>/eval/"})
+    results_dir: str = field(default="results", metadata={"help": "where result JSON is written"})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "lm-eval request cache (sqlite, one per model and adapter): a rerun resumes there"},
+    )
+    samples_dir: str | None = field(
+        default=None, metadata={"help": "write each document's responses and metrics here (JSONL); None: don't"}
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("data", self.data, (None, *TASK_NAMES))
+        _check_choice("apply_chat_template", self.apply_chat_template, ("auto", True, False))
+        _check_choice("quantization", self.quantization, ("auto", "4bit", "none"))
+        if not self.tasks or isinstance(self.tasks, str):
+            raise ValueError(f"tasks must be a non-empty list of names; got {self.tasks!r}")
+        if self.limit is not None and not (self.limit >= 1 or 0 < self.limit < 1):
+            raise ValueError(f"limit must be an int >= 1, a fraction in (0, 1), or None; got {self.limit!r}")
+        if self.max_gen_toks is not None and self.max_gen_toks < 1:
+            raise ValueError(f"max_gen_toks must be >= 1 or None; got {self.max_gen_toks!r}")
+        if self.generation_slots < 0:
+            raise ValueError(f"generation_slots must be >= 0; got {self.generation_slots!r}")
+        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
+            raise ValueError(f"batch_size must be an int >= 1 or 'auto'; got {self.batch_size!r}")
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if not any(value is a or (isinstance(value, str) and value == a) for a in allowed):
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def default_data() -> DataSource:
@@ -69,6 +151,16 @@ def task_name(benchmark: str, data: DataSource) -> str:
     if benchmark in TASK_NAMES[data]:
         return TASK_NAMES[data][benchmark]
     return benchmark  # any other lm-eval task or group name passes through
+
+
+def uses_chat_template(tokenizer: Any, setting: bool | str) -> bool:
+    """`auto` -> whether the tokenizer has a chat template; True/False force it (True needs one)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "auto":
+        return has_template
+    if setting and not has_template:
+        raise ValueError("apply_chat_template=True, but the tokenizer has no chat template; use 'auto' or False")
+    return bool(setting)
 
 
 @contextmanager
@@ -92,21 +184,153 @@ def _label(model: str, adapter: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[-80:] or "model"
 
 
-def summary_rows(output: dict[str, Any], benchmark: str, task: str) -> list[dict[str, Any]]:
+# --------------------------------------------------------------------------------------------------
+# Checks before any model is loaded
+# --------------------------------------------------------------------------------------------------
+
+
+def check_tasks(names: Sequence[str], known: Sequence[str]) -> None:
+    """Every task must be one lm-eval knows; the error lists the benchmarks and the closest known names."""
+    known_set = set(known)
+    for name in names:
+        if name not in known_set:
+            close = difflib.get_close_matches(name, known, n=5)
+            raise ValueError(
+                f"unknown task {name!r}. Benchmarks: {', '.join(TASK_NAMES['hub'])}"
+                + (f"; closest lm-eval tasks: {', '.join(close)}" if close else "")
+                + " (any lm-eval task or group name is accepted)"
+            )
+
+
+def _same_model(a: str, b: str) -> bool:
+    from mainlib.models import BUNDLED_MODELS
+
+    if a == b:
+        return True
+    if a in BUNDLED_MODELS or b in BUNDLED_MODELS:
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_adapters(model: str, adapters: Mapping[str, str | None]) -> None:
+    """Each adapter folder exists, was saved by mainlib, and was trained on `model`."""
+    from mainlib.models import read_adapter_config
+
+    for label, adapter in adapters.items():
+        if adapter is None:
+            continue
+        base = read_adapter_config(adapter).get("base_model")
+        if not _same_model(str(base), model):
+            raise ValueError(f"adapter {label!r} ({adapter}) was trained on {base!r}, not on {model!r}")
+
+
+def check_inputs(model: str, adapters: Mapping[str, str | None], s: EvalSettings) -> None:
+    """What can be wrong before anything is loaded (task names are checked once lm-eval has indexed them)."""
+    from mainlib.models import check_model_name
+
+    if not adapters:
+        raise ValueError("adapters is empty: give at least one label (None is the base model)")
+    if "humaneval" in s.tasks and not s.allow_code_execution and os.environ.get(OPT_IN_VARIABLE) != "1":
+        raise CodeExecutionNotAllowed(OPT_IN_MESSAGE)
+    check_model_name(model)
+    check_adapters(model, adapters)
+
+
+# --------------------------------------------------------------------------------------------------
+# One base model, many adapters
+# --------------------------------------------------------------------------------------------------
+
+
+def attach_adapters(base: Any, adapters: Mapping[str, str | None]) -> tuple[Any, dict[str, str | None]]:
+    """Load every adapter onto `base` as a named peft adapter; returns (model, label -> adapter name or None)."""
+    from peft import PeftModel
+
+    model, names = base, {}
+    for k, (label, path) in enumerate(adapters.items()):
+        if path is None:
+            names[label] = None
+            continue
+        names[label] = f"adapter_{k}"  # peft names are module keys: the labels may not be valid ones
+        if model is base:
+            model = PeftModel.from_pretrained(base, path, adapter_name=names[label])
+        else:
+            model.load_adapter(path, adapter_name=names[label])
+    model.eval()
+    return model, names
+
+
+@contextmanager
+def active_adapter(model: Any, name: str | None) -> Iterator[None]:
+    """Run with adapter `name` active, or with every adapter disabled (the base model) when `name` is None."""
+    if name is None:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            yield
+    else:
+        model.set_adapter(name)
+        yield
+
+
+def model_fingerprint(model: str, adapter: str | None, quantization: str) -> str:
+    """Names an lm-eval request cache: its keys are the requests only, so each model state needs its own file."""
+    digest = hashlib.sha256(f"{model}|{quantization}".encode())
+    if adapter:
+        for path in sorted(Path(adapter).glob("adapter_model.*")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows, standard errors and response statistics from lm-eval's output
+# --------------------------------------------------------------------------------------------------
+
+
+def bootstrap_stderr(values: Sequence[Any], seed: int = 0) -> float | None:
+    """Standard error of a metric lm-eval gives none for, by bootstrap over documents.
+
+    Instruction-level IFEval accuracy is sum(followed) / sum(instructions) over the documents' lists; the
+    instructions of one prompt are not independent, so documents (clusters) are resampled, not instructions.
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(values) < 2:
+        return None
+    if isinstance(values[0], list | tuple):
+        hits = np.array([sum(map(float, v)) for v in values])
+        totals = np.array([len(v) for v in values], dtype=float)
+        data, statistic = (hits, totals), lambda h, t, axis=-1: h.sum(axis) / t.sum(axis)
+    else:
+        data, statistic = (np.array(values, dtype=float),), lambda x, axis=-1: x.mean(axis)
+    result = bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=2000, method="percentile", rng=seed)
+    return float(result.standard_error)
+
+
+def _member_tasks(output: dict[str, Any], task: str) -> list[str]:
+    return list(output.get("group_subtasks", {}).get(task, []))
+
+
+def summary_rows(output: dict[str, Any], benchmark: str, task: str, headline: str) -> list[dict[str, Any]]:
     """One row per metric of `task` (or of the group and its members) from lm-eval's results."""
     rows = []
-    samples = output.get("n-samples", {})
+    samples, members = output.get("n-samples", {}), _member_tasks(output, task)
     for name, metrics in output["results"].items():
-        if name != task and not (output.get("group_subtasks", {}).get(task) and name in output["group_subtasks"][task]):
+        if name != task and name not in members:
             continue
         n = samples.get(name, {}).get("effective")
         if name == task and n is None:  # a group: the sum over its members
-            n = sum(samples.get(m, {}).get("effective", 0) for m in output.get("group_subtasks", {}).get(task, []))
+            n = sum(samples.get(m, {}).get("effective", 0) for m in members)
         for key, value in metrics.items():
             if key in ("alias", "sample_len") or "_stderr," in key or not isinstance(value, int | float):
                 continue
             metric, _, filter_name = key.partition(",")
             stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            if not isinstance(stderr, int | float) or math.isnan(stderr):
+                per_doc = [
+                    s[metric]
+                    for s in output.get("samples", {}).get(name, [])
+                    if metric in s and s.get("filter", filter_name) == filter_name
+                ]
+                stderr = bootstrap_stderr(per_doc)
             rows.append(
                 {
                     "benchmark": benchmark,
@@ -114,121 +338,126 @@ def summary_rows(output: dict[str, Any], benchmark: str, task: str) -> list[dict
                     "metric": metric,
                     "filter": filter_name,
                     "value": float(value),
-                    "stderr": float(stderr) if isinstance(stderr, int | float) and not math.isnan(stderr) else None,
+                    "stderr": None if stderr is None else float(stderr),
                     "n": n,
-                    "headline": name == task and key == HEADLINE.get(benchmark),
+                    "headline": name == task and key == headline,
                 }
             )
     return rows
 
 
-def evaluate(
-    model: str,
-    adapter: str | None = None,
-    tasks: Sequence[str] = BENCHMARKS,
-    limit: int | float | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int | str = "auto",
-    allow_code_execution: bool = False,
-    data: DataSource | None = None,
-    run_name: str = "eval",
-    results_dir: str | Path = "results",
-    quantization: str = "auto",
-    max_gen_toks: int | None = None,
-    apply_chat_template: bool = False,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Evaluate `model` (+ `adapter`) on each benchmark; write one JSON per task; return the summary rows.
+def generation_cap(output: dict[str, Any], task: str, override: int | None) -> int | None:
+    """The max new tokens the task ran with (lm-eval's default 256 when its config names none); None if it
+    is not generative."""
+    config = output.get("configs", {}).get(task, {})
+    if config.get("output_type") != "generate_until":
+        return None
+    return override or int(config.get("generation_kwargs", {}).get("max_gen_toks", 256))
 
-    `data` None means `default_data()`: the hub tasks on CUDA, the bundled offline tasks on CPU. `limit` caps
-    the documents per task (an int, or a fraction); `max_gen_toks` caps generation length for every
-    generative task (None keeps lm-eval's per-task settings: use it for quick CPU runs only).
-    """
+
+def response_stats(samples: Sequence[dict[str, Any]], tokenizer: Any, cap: int | None) -> dict[str, Any] | None:
+    """Length of the generated responses in tokens, and how many ran into the cap (cut, not finished)."""
+    import numpy as np
+
+    by_doc = {s["doc_id"]: s["resps"][0][0] for s in samples if s.get("resps") and isinstance(s["resps"][0][0], str)}
+    responses = list(by_doc.values())  # one per document (lm-eval repeats a sample for each filter)
+    if not responses:
+        return None
+    lengths = np.array([len(tokenizer(r, add_special_tokens=False).input_ids) for r in responses])
+    return {
+        "n": len(responses),
+        "mean_tokens": float(lengths.mean()),
+        "median_tokens": float(np.median(lengths)),
+        "max_tokens": int(lengths.max()),
+        "cap": cap,
+        "at_cap": int((lengths >= cap - 1).sum()) if cap else None,  # -1: a stop string may be cut off the end
+        "empty": int(sum(not r.strip() for r in responses)),
+    }
+
+
+def sample_records(output: dict[str, Any], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Each document's responses and metrics (no prompts: they are rebuilt from the task and doc_id)."""
+    keep = ("doc_id", "target", "resps", "filtered_resps", "filter")
+    metric_names = {k.partition(",")[0] for n in names for k in output["results"].get(n, {})}
+    return [
+        {"task": name, **{k: s[k] for k in keep if k in s}, **{m: s[m] for m in metric_names if m in s}}
+        for name in names
+        for s in output.get("samples", {}).get(name, [])
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+LM_EVAL_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def _run_task(lm: Any, task: str, s: EvalSettings, chat: bool, manager: Any, cache: str | None) -> dict[str, Any]:
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    from mainlib.models import load_adapter, load_model, load_tokenizer
-    from mainlib.nltk_data import ensure_punkt
-    from mainlib.tasks import TASKS_DIR
+    with code_execution(s.allow_code_execution):
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[task],
+            num_fewshot=s.num_fewshot,
+            limit=s.limit,
+            task_manager=manager,
+            gen_kwargs={"max_gen_toks": s.max_gen_toks} if s.max_gen_toks else None,
+            apply_chat_template=chat,
+            fewshot_as_multiturn=chat,
+            use_cache=cache,
+            log_samples=True,
+            random_seed=s.seed,
+            numpy_random_seed=s.seed,
+            torch_random_seed=s.seed,
+            fewshot_random_seed=s.seed,
+            confirm_run_unsafe_code=s.allow_code_execution,
+        )
 
-    data = data or default_data()
-    names = {b: task_name(b, data) for b in tasks}
-    if "humaneval" in tasks and not allow_code_execution and os.environ.get(OPT_IN_VARIABLE) != "1":
-        raise CodeExecutionNotAllowed(OPT_IN_MESSAGE)
-    if "ifeval" in tasks:
-        ensure_punkt()
-    if adapter:
-        lm_model, tokenizer, _ = load_adapter(adapter, quantization)
-    else:
-        lm_model, tokenizer = load_model(model, quantization), load_tokenizer(model)
-    lm_model.eval()
-    lm = HFLM(pretrained=lm_model, tokenizer=tokenizer, batch_size=batch_size)
-    metadata = {"mainlib_source": data} if data != "hub" else None
-    manager = TaskManager(include_path=str(TASKS_DIR) if data != "hub" else None, metadata=metadata)
-    gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks else None
 
-    out_dir = Path(results_dir) / run_name / "eval"
+def _evaluate_label(
+    lm: Any,
+    tokenizer: Any,
+    model: str,
+    label: str,
+    adapter: str | None,
+    names: Mapping[str, str],
+    s: EvalSettings,
+    chat: bool,
+    manager: Any,
+) -> list[dict[str, Any]]:
+    """Every task for one (already active) model state; one JSON per task."""
+    out_dir = Path(s.results_dir) / s.run_name / "eval"
+    cache = None
+    if s.cache_dir:
+        cache = str(Path(s.cache_dir) / f"{_label(model, adapter)}-{model_fingerprint(model, adapter, s.quantization)}")
+    used = {"apply_chat_template": chat, "fewshot_as_multiturn": chat}
     rows: list[dict[str, Any]] = []
     for benchmark, task in names.items():
         start = time.perf_counter()
-        with code_execution(allow_code_execution):
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[task],
-                num_fewshot=num_fewshot,
-                limit=limit,
-                task_manager=manager,
-                gen_kwargs=gen_kwargs,
-                apply_chat_template=apply_chat_template,
-                log_samples=False,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                confirm_run_unsafe_code=allow_code_execution,
-            )
+        output = _run_task(lm, task, s, chat, manager, cache)
         seconds = time.perf_counter() - start
-        task_rows = [
-            {**r, "model": model, "adapter": adapter, "data": data, "seconds": seconds}
-            for r in summary_rows(output, benchmark, task)
-        ]
+        members = _member_tasks(output, task) or [task]
+        cap = generation_cap(output, members[0], s.max_gen_toks)
+        context = {"model": model, "adapter": adapter, "label": label, "data": s.data, "seconds": seconds, **used}
+        context |= {"max_gen_toks": cap, "capped": bool(cap and s.max_gen_toks)}
+        headline = s.headline.get(benchmark, HEADLINE.get(benchmark, ""))
+        task_rows = [{**r, **context} for r in summary_rows(output, benchmark, task, headline)]
         rows += task_rows
-        settings = {
-            "model": model,
-            "adapter": adapter,
-            "task": task,
-            "data": data,
-            "limit": limit,
-            "num_fewshot": num_fewshot,
-            "batch_size": batch_size,
-            "max_gen_toks": max_gen_toks,
-            "apply_chat_template": apply_chat_template,
-            "seed": seed,
+        stats = {m: response_stats(output.get("samples", {}).get(m, []), tokenizer, cap) for m in members}
+        stem = f"{_label(model, adapter)}__{benchmark}"
+        if s.samples_dir:
+            write_jsonl(Path(s.samples_dir) / f"{stem}.jsonl", sample_records(output, members))
+        record = {
+            "settings": {**asdict(s), "model": model, "adapter": adapter, "label": label, "task": task, **used},
+            "summary": task_rows,
+            "seconds": seconds,
+            "responses": {m: v for m, v in stats.items() if v},
+            "lm_eval": {k: output.get(k) for k in LM_EVAL_KEYS},
+            "provenance": provenance(),
         }
-        lm_eval_output = {
-            k: output.get(k)
-            for k in (
-                "results",
-                "groups",
-                "group_subtasks",
-                "configs",
-                "versions",
-                "n-shot",
-                "higher_is_better",
-                "n-samples",
-            )
-        }
-        write_json(
-            out_dir / f"{_label(model, adapter)}__{benchmark}.json",
-            {
-                "settings": settings,
-                "summary": task_rows,
-                "seconds": seconds,
-                "lm_eval": lm_eval_output,
-                "provenance": provenance(),
-            },
-        )
+        write_json(out_dir / f"{stem}.json", record)
     return rows
 
 
@@ -238,79 +467,125 @@ def compare(
     tasks: Sequence[str] = BENCHMARKS,
     **settings: Any,
 ) -> list[dict[str, Any]]:
-    """The same evaluation for each labelled adapter (None = the base model); rows carry their `label`.
+    """Evaluate the base `model` with each labelled adapter (None = the base itself), loading the base once.
 
-    An adapter directory that does not exist is skipped with a message (e.g. a stage not run yet).
+    Rows carry their `label`. Everything that can be checked (model name, adapter folders and their base
+    model, task names, the HumanEval opt-in, every setting) is checked before the model is loaded.
     """
+    from lm_eval.tasks import TaskManager
+
+    from mainlib.lm import ContinuousHFLM
+    from mainlib.models import load_model, load_tokenizer
+    from mainlib.nltk_data import ensure_punkt
+    from mainlib.tasks import TASKS_DIR
+
+    s = EvalSettings(tasks=list(tasks), **settings)
+    s.data = s.data or default_data()
+    check_inputs(model, adapters, s)
+    offline = s.data != "hub"
+    manager = TaskManager(
+        include_path=str(TASKS_DIR) if offline else None, metadata={"mainlib_source": s.data} if offline else None
+    )
+    names = {b: task_name(b, s.data) for b in s.tasks}
+    check_tasks(list(names.values()), manager.all_tasks)
+    tokenizer = load_tokenizer(model)
+    chat = uses_chat_template(tokenizer, s.apply_chat_template)
+    if "ifeval" in s.tasks:
+        ensure_punkt()
+    lm_model, adapter_names = attach_adapters(load_model(model, s.quantization).eval(), adapters)
+    lm = ContinuousHFLM(pretrained=lm_model, tokenizer=tokenizer, batch_size=s.batch_size, slots=s.generation_slots)
     rows = []
     for label, adapter in adapters.items():
-        if adapter is not None and not Path(adapter).is_dir():
-            print(f"[{label}] skipped: {adapter} does not exist (run the notebook that trains it first)")
-            continue
-        rows += [{**r, "label": label} for r in evaluate(model, adapter, tasks, **settings)]
+        with active_adapter(lm_model, adapter_names[label]):
+            rows += _evaluate_label(lm, tokenizer, model, label, adapter, names, s, chat, manager)
     return rows
 
 
+def evaluate(
+    model: str, adapter: str | None = None, tasks: Sequence[str] = BENCHMARKS, **settings: Any
+) -> list[dict[str, Any]]:
+    """Evaluate one model (`adapter` None: the base); see `compare` and `EvalSettings`."""
+    return compare(model, {_label(model, adapter) if adapter else "base": adapter}, tasks, **settings)
+
+
+def column_name(row: Mapping[str, Any]) -> str:
+    """A table column: benchmark, metric, n, and how it was run (chat template, generation cap)."""
+    how = ["chat template" if row.get("apply_chat_template") else "no chat template"]
+    if row.get("capped"):
+        how.append(f"capped at {row['max_gen_toks']} tokens")
+    return f"{row['benchmark']} ({row['metric']}, n={row['n']}, {', '.join(how)})"
+
+
 def headline_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per model label, one column per benchmark: `value ± stderr` of the headline metric (n)."""
+    """One row per model label, one column per benchmark: `value ± stderr` of the headline metric."""
     table: dict[str, dict[str, Any]] = {}
     for r in rows:
         if not r["headline"]:
             continue
         cell = f"{r['value']:.3f}" + (f" ± {r['stderr']:.3f}" if r.get("stderr") is not None else "")
-        table.setdefault(r.get("label", r["adapter"] or r["model"]), {})[
-            f"{r['benchmark']} ({r['metric']}, n={r['n']})"
-        ] = cell
+        table.setdefault(r.get("label", r["adapter"] or r["model"]), {})[column_name(r)] = cell
     return [{"model": label, **cells} for label, cells in table.items()]
 
 
+# --------------------------------------------------------------------------------------------------
+# Command line: one option per EvalSettings field, its help from the field's metadata
+# --------------------------------------------------------------------------------------------------
+
+
+def _number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _chat_setting(text: str) -> bool | str:
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _pairs(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(";") if item)
+
+
+CLI_TYPES: dict[str, Callable[[str], Any]] = {
+    "tasks": lambda text: [t.strip() for t in text.split(",") if t.strip()],
+    "limit": _number,
+    "num_fewshot": int,
+    "generation_slots": int,
+    "batch_size": lambda text: int(text) if text.isdigit() else text,
+    "max_gen_toks": int,
+    "apply_chat_template": _chat_setting,
+    "headline": _pairs,
+    "seed": int,
+}
+
+
+def parse_adapters(values: Sequence[str] | None, base: bool, model: str) -> dict[str, str | None]:
+    """`--adapter [LABEL=]PATH` (repeatable) and `--base`; with no adapter, the base model alone."""
+    adapters: dict[str, str | None] = {"base": None} if base or not values else {}
+    for value in values or []:
+        label, _, path = value.rpartition("=") if "=" in value else ("", "", value)
+        adapters[label or _label(model, path)] = path
+    return adapters
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mainlib.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled key, local folder or hub id")
-    parser.add_argument("--adapter", default=None, help="a mainlib adapter directory (e.g. runs/x/final_sft/model)")
-    parser.add_argument("--tasks", default=",".join(BENCHMARKS), help="comma-separated: mmlu,gsm8k,humaneval,ifeval")
-    parser.add_argument(
-        "--data",
-        default=None,
-        choices=list(TASK_NAMES),
-        help="hub, bundled or full (default: hub on CUDA, else bundled)",
-    )
-    parser.add_argument("--limit", type=float, default=None, help="documents per task (>= 1) or a fraction (< 1)")
-    parser.add_argument("--num-fewshot", type=int, default=None)
-    parser.add_argument("--batch-size", default="auto")
-    parser.add_argument("--max-gen-toks", type=int, default=None, help="cap generation length (quick runs)")
-    parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "none"])
-    parser.add_argument("--apply-chat-template", action="store_true")
-    parser.add_argument("--allow-code-execution", action="store_true", help="needed for humaneval")
-    parser.add_argument("--run-name", default="eval")
-    parser.add_argument("--results-dir", default="results")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
-    rows = evaluate(
-        args.model,
-        args.adapter,
-        [t.strip() for t in args.tasks.split(",") if t.strip()],
-        limit=limit,
-        num_fewshot=args.num_fewshot,
-        batch_size=batch_size,
-        allow_code_execution=args.allow_code_execution,
-        data=args.data,
-        run_name=args.run_name,
-        results_dir=args.results_dir,
-        quantization=args.quantization,
-        max_gen_toks=args.max_gen_toks,
-        apply_chat_template=args.apply_chat_template,
-        seed=args.seed,
-    )
     from mainlib.results import markdown_table
 
-    print(
-        markdown_table(
-            [{k: r[k] for k in ("task", "metric", "filter", "value", "stderr", "n")} for r in rows if r["headline"]]
-        )
-    )
+    parser = argparse.ArgumentParser(prog="python -m mainlib.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled key, local folder or hub id")
+    parser.add_argument("--adapter", action="append", help="[LABEL=]PATH of a mainlib adapter; repeatable")
+    parser.add_argument("--base", action="store_true", help="also evaluate the base model (default with no --adapter)")
+    for f in fields(EvalSettings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_const", const=True, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=CLI_TYPES.get(f.name, str), default=None, help=f.metadata["help"])
+    args = vars(parser.parse_args(argv))
+    model = args.pop("model")
+    adapters = parse_adapters(args.pop("adapter"), args.pop("base"), model)
+    rows = compare(model, adapters, **{k: v for k, v in args.items() if v is not None})
+    columns = ("label", "task", "metric", "filter", "value", "stderr", "n", "apply_chat_template", "max_gen_toks")
+    print(markdown_table([{k: r[k] for k in columns} for r in rows if r["headline"]]))
 
 
 if __name__ == "__main__":

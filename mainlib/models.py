@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -144,8 +146,30 @@ def convert_bundled_model(key: str, force: bool = False) -> Path:
     return target
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_model_name(name_or_path: str) -> None:
+    """Fail before any work when `name_or_path` is none of: a bundled key, a local folder, a hub id (owner/name).
+
+    A mistyped bundled key or a missing folder would otherwise reach the hub client and fail minutes later
+    with an offline or 404 error that does not say what was meant.
+    """
+    if name_or_path in BUNDLED_MODELS or Path(name_or_path).expanduser().is_dir():
+        return
+    if HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
+        return
+    close = difflib.get_close_matches(name_or_path, list(BUNDLED_MODELS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"model {name_or_path!r} is not a bundled key ({', '.join(BUNDLED_MODELS)}), not an existing local "
+        f"folder (no such folder), and not a hub id of the form owner/name.{hint}"
+    )
+
+
 def resolve_model(name_or_path: str) -> str:
     """Map a bundled key to its converted directory; leave local paths and hub ids as they are."""
+    check_model_name(name_or_path)
     if name_or_path in BUNDLED_MODELS:
         return str(convert_bundled_model(name_or_path))
     return name_or_path
@@ -276,6 +300,17 @@ def save_adapter(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
     return out
 
 
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The mainlib config saved with an adapter; says which of "no such folder" / "not saved by mainlib" it is."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter {adapter_dir}: no such folder")
+    config_file = adapter_dir / ADAPTER_CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: {adapter_dir} was not saved by mainlib.save_adapter")
+    return json.loads(config_file.read_text())
+
+
 def load_adapter(
     adapter_dir: str | Path,
     quantization: Quantization = "auto",
@@ -285,11 +320,7 @@ def load_adapter(
     """Reload a saved adapter on its base model; returns (peft_model, tokenizer, config)."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / ADAPTER_CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: {adapter_dir} was not saved by mainlib.save_adapter")
-    config = json.loads(config_file.read_text())
+    config = read_adapter_config(adapter_dir)
     base = load_model(
         config["base_model"], quantization, device, trust_remote_code=config.get("trust_remote_code", False)
     )

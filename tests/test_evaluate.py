@@ -11,8 +11,17 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
-from mainlib import benchmarks
-from mainlib.evaluate import evaluate, main
+from mainlib import benchmarks, models
+from mainlib.evaluate import (
+    EvalSettings,
+    _label,
+    bootstrap_stderr,
+    compare,
+    evaluate,
+    headline_table,
+    main,
+    parse_adapters,
+)
 from mainlib.execution import CodeExecutionNotAllowed
 from mainlib.tasks import TASKS_DIR
 
@@ -39,6 +48,15 @@ def test_offline_tasks_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -
     record = json.loads((tmp_path / "t" / "eval" / f"{tiny_model_dir.name}__gsm8k.json").read_text())
     assert record["settings"]["limit"] == 3 and record["lm_eval"]["n-shot"]["mainlib_gsm8k"] == 5
     assert {r["filter"] for r in record["summary"]} == {"strict-match", "flexible-extract"}
+    # the tiny tokenizer has a chat template: "auto" uses it, few-shot examples as turns; the cap is recorded
+    assert record["settings"]["apply_chat_template"] is True and record["settings"]["fewshot_as_multiturn"] is True
+    assert record["lm_eval"]["configs"]["mainlib_gsm8k"]["fewshot_config"] is not None
+    assert record["responses"]["mainlib_gsm8k"]["n"] == 3 and record["responses"]["mainlib_gsm8k"]["cap"] == 8
+    columns = list(headline_table(rows)[0])
+    assert "gsm8k (exact_match, n=3, chat template, capped at 8 tokens)" in columns
+    assert "mmlu (acc, n=12, chat template)" in columns  # loglikelihood: no generation, no cap
+    ifeval_rows = {r["metric"]: r for r in rows if r["benchmark"] == "ifeval"}
+    assert ifeval_rows["inst_level_loose_acc"]["stderr"] is not None  # lm-eval gives none: bootstrap over prompts
 
 
 class CannedLM(LM):
@@ -76,7 +94,7 @@ def test_humaneval_task_scores_known_answers(monkeypatch) -> None:
 def test_humaneval_needs_the_opt_in(monkeypatch) -> None:
     monkeypatch.delenv("MAINLIB_ALLOW_CODE_EXECUTION", raising=False)
     with pytest.raises(CodeExecutionNotAllowed, match="allow_code_execution=True"):
-        evaluate("any-model", tasks=["humaneval"])
+        evaluate("org/any-model", tasks=["humaneval"])
 
 
 def ifeval_doc(key: int) -> dict:
@@ -170,3 +188,153 @@ def test_task_names_per_data_source(monkeypatch) -> None:
     assert default_data() == "bundled"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_data() == "hub"
+
+
+# --------------------------------------------------------------------------------------------------
+# The adapter is what is scored; one base load gives what separate loads give
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def big_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two LoRA adapters on the tiny model with deliberately large, different B matrices."""
+    import torch
+
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    out = {}
+    for k, name in enumerate(("A", "B")):
+        torch.manual_seed(k)
+        peft_model = models.add_lora(models.load_model(str(tiny_model_dir), "none"), models.LoraSettings(r=4))
+        with torch.no_grad():
+            for param_name, param in peft_model.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 2.0)
+        folder = tmp_path_factory.mktemp(f"adapter_{name}")
+        models.save_adapter(peft_model, tokenizer, folder, {"base_model": str(tiny_model_dir)})
+        out[name] = str(folder)
+    return out
+
+
+def read_samples(folder: Path) -> dict[str, list[dict]]:
+    """samples_dir's JSONL files by file stem (label__benchmark)."""
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(folder.glob("*.jsonl"))}
+
+
+EVAL = dict(limit=2, batch_size=2, data="bundled", quantization="none", max_gen_toks=8)
+
+
+@pytest.mark.slow
+def test_the_adapter_changes_what_is_scored(tiny_model_dir: Path, big_adapters: dict, tmp_path: Path) -> None:
+    adapters = {"base": None, "A": big_adapters["A"]}
+    compare(str(tiny_model_dir), adapters, ["mmlu", "ifeval"], samples_dir=str(tmp_path), results_dir=tmp_path, **EVAL)
+    samples = read_samples(tmp_path)
+    names = (tiny_model_dir.name, _label("", big_adapters["A"]))
+    base, tuned = (samples[f"{name}__mmlu"] for name in names)
+    assert len(base) == len(tuned) == 8  # 4 subjects x 2 documents
+    for b, t in zip(base, tuned, strict=True):
+        assert (b["task"], b["doc_id"]) == (t["task"], t["doc_id"])
+        for choice_base, choice_tuned in zip(b["resps"], t["resps"], strict=True):  # [[loglikelihood, greedy]]
+            assert abs(choice_base[0][0] - choice_tuned[0][0]) > 1e-3
+    responses = [[s["resps"][0][0] for s in samples[f"{name}__ifeval"]] for name in names]
+    assert responses[0] != responses[1]
+
+
+@pytest.mark.slow
+def test_one_call_gives_what_separate_calls_give(tiny_model_dir: Path, big_adapters: dict, tmp_path: Path) -> None:
+    adapters = {"base": None, "A": big_adapters["A"], "B": big_adapters["B"]}
+    together = compare(str(tiny_model_dir), adapters, ["mmlu", "gsm8k"], samples_dir=str(tmp_path / "one"), **EVAL)
+    apart = []
+    for label, adapter in adapters.items():
+        apart += compare(
+            str(tiny_model_dir), {label: adapter}, ["mmlu", "gsm8k"], samples_dir=str(tmp_path / label), **EVAL
+        )
+    key = ("label", "task", "metric", "filter", "value", "stderr", "n")
+    assert [tuple(r[k] for k in key) for r in together] == [tuple(r[k] for k in key) for r in apart]
+    one = read_samples(tmp_path / "one")
+    separate = {stem: rows for label in adapters for stem, rows in read_samples(tmp_path / label).items()}
+    assert one == separate and len(one) == 6
+    scores = {stem: [s["resps"] for s in rows] for stem, rows in one.items() if stem.endswith("__mmlu")}
+    assert len({json.dumps(v) for v in scores.values()}) == 3  # base, A and B all score differently
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors before any model is loaded
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    ("model", "adapters", "tasks", "error", "message"),
+    [
+        ("smollm2-135m-instruc", {"base": None}, ["mmlu"], ValueError, r"Did you mean 'smollm2-135m-instruct'"),
+        ("TINY", {"x": "/no/such/adapter"}, ["mmlu"], FileNotFoundError, r"/no/such/adapter: no such folder"),
+        (
+            "TINY",
+            {"base": None},
+            ["ifevl"],
+            ValueError,
+            r"unknown task 'ifevl'.*mmlu, mmlu_cloze, gsm8k, humaneval, ifeval",
+        ),
+        ("TINY", {}, ["mmlu"], ValueError, r"adapters is empty"),
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(
+    tiny_model_dir: Path, no_model_loading, model, adapters, tasks, error, message
+) -> None:
+    model = str(tiny_model_dir) if model == "TINY" else model
+    with pytest.raises(error, match=message):
+        compare(model, adapters, tasks, data="bundled")
+
+
+def test_adapter_of_another_model_and_bad_settings(tiny_model_dir: Path, big_adapters: dict, no_model_loading) -> None:
+    with pytest.raises(ValueError, match=r"was trained on .* not on 'smollm2-135m-instruct'"):
+        compare("smollm2-135m-instruct", {"A": big_adapters["A"]}, ["mmlu"], data="bundled")
+    with pytest.raises(FileNotFoundError, match="not saved by mainlib"):
+        compare(str(tiny_model_dir), {"x": str(tiny_model_dir)}, ["mmlu"], data="bundled")
+    for bad, message in [
+        (dict(apply_chat_template="yes"), "apply_chat_template must be one of 'auto', True, False"),
+        (dict(limit=0), "limit must be"),
+        (dict(data="local"), "data must be one of"),
+        (dict(batch_size=0), "batch_size must be"),
+        (dict(max_gen_tokens=8), "unexpected keyword argument 'max_gen_tokens'"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            compare(str(tiny_model_dir), {"base": None}, ["mmlu"], **bad)
+    assert EvalSettings().apply_chat_template == "auto" and EvalSettings().max_gen_toks is None
+
+
+def test_chat_template_forced_without_one(tiny_model_dir: Path) -> None:
+    from mainlib.evaluate import uses_chat_template
+
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    assert uses_chat_template(tokenizer, "auto") is True and uses_chat_template(tokenizer, False) is False
+    tokenizer.chat_template = None
+    assert uses_chat_template(tokenizer, "auto") is False
+    with pytest.raises(ValueError, match="has no chat template"):
+        uses_chat_template(tokenizer, True)
+
+
+def test_bootstrap_stderr_resamples_documents() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    flat = [bool(x) for x in rng.random(400) < 0.3]
+    assert bootstrap_stderr(flat) == pytest.approx(np.sqrt(0.3 * 0.7 / 400), rel=0.15)
+    # 100 documents of 4 instructions each, all-or-nothing: the clustered error is twice the naive one
+    clustered = [[x] * 4 for x in flat[:100]]
+    p = np.mean(flat[:100])
+    assert bootstrap_stderr(clustered) == pytest.approx(np.sqrt(p * (1 - p) / 100), rel=0.15)
+    assert bootstrap_stderr([True]) is None
+
+
+def test_cli_adapters() -> None:
+    assert parse_adapters(None, False, "m") == {"base": None}
+    assert parse_adapters(["MAIN=runs/a/forward"], True, "m") == {"base": None, "MAIN": "runs/a/forward"}
+    assert parse_adapters(["runs/a/forward"], False, "m") == {"runs_a_forward": "runs/a/forward"}

@@ -135,7 +135,9 @@ def test_notebooks_04_then_05_then_06(tiny_model_dir: Path, tmp_path: Path) -> N
     text = "".join(
         str(o.get("text", "")) + str(o.get("data", "")) for c in executed.cells for o in c.get("outputs", [])
     )
-    assert "HumanEval skipped" in text and "[MAIN] skipped" in text  # no opt-in; 03 was not run here
+    assert (
+        "HumanEval skipped" in text and "[MAIN] skipped" in text and "no such folder" in text
+    )  # no opt-in; 03 was not run here
     evaluation = json.loads((tmp_path / "results" / "tiny" / "05_evaluate.json").read_text())
     assert [row["model"] for row in evaluation["table"]] == ["base", "MuSC"]
     headline = [r for r in evaluation["rows"] if r["headline"]]
