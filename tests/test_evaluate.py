@@ -242,11 +242,12 @@ def test_the_adapter_changes_what_is_scored(tiny_model_dir: Path, big_adapters: 
 @pytest.mark.slow
 def test_one_call_gives_what_separate_calls_give(tiny_model_dir: Path, big_adapters: dict, tmp_path: Path) -> None:
     adapters = {"base": None, "A": big_adapters["A"], "B": big_adapters["B"]}
-    together = compare(str(tiny_model_dir), adapters, ["mmlu", "gsm8k"], samples_dir=str(tmp_path / "one"), **EVAL)
+    here = dict(EVAL, results_dir=str(tmp_path / "results"))
+    together = compare(str(tiny_model_dir), adapters, ["mmlu", "gsm8k"], samples_dir=str(tmp_path / "one"), **here)
     apart = []
     for label, adapter in adapters.items():
         apart += compare(
-            str(tiny_model_dir), {label: adapter}, ["mmlu", "gsm8k"], samples_dir=str(tmp_path / label), **EVAL
+            str(tiny_model_dir), {label: adapter}, ["mmlu", "gsm8k"], samples_dir=str(tmp_path / label), **here
         )
     key = ("label", "task", "metric", "filter", "value", "stderr", "n")
     assert [tuple(r[k] for k in key) for r in together] == [tuple(r[k] for k in key) for r in apart]
