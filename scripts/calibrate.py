@@ -2,6 +2,7 @@
 """Calibrate our evaluation against SmolLM2-135M-Instruct's model card: same model, published numbers.
 
     MAINLIB_DATA_DIR=../shared/data python scripts/calibrate.py          # runs what is missing, then the table
+    MAINLIB_DATA_DIR=../shared/data python scripts/calibrate.py gsm8k    # only that one (then the table, if complete)
 
 Each evaluation is the one `python -m mainlib.evaluate` runs (the commands are in COMMANDS and in the JSON):
 the bundled model, the full offline data, the chat template on ("auto"), lm-eval's own generation settings.
@@ -46,6 +47,7 @@ CARD = {
     "gsm8k": ("GSM8K (5-shot)", 1.4),
     "mainlib_mmlu_cloze_bundled": ("MMLU (cloze)", 29.3),
 }
+IFEVAL_CAP = 1280  # lm-eval's max_gen_toks for IFEval
 IFEVAL_AVERAGES = {"strict": ("prompt_level_strict_acc", "inst_level_strict_acc")}
 IFEVAL_AVERAGES["loose"] = ("prompt_level_loose_acc", "inst_level_loose_acc")
 
@@ -97,7 +99,7 @@ def table_rows(records: dict[str, dict], samples: list[dict]) -> list[dict]:
                     "seconds": round(record["seconds"]),
                 }
             )
-    if samples:
+    if samples and "ifeval" in records:
         seconds = round(records["ifeval"]["seconds"])
         for strictness, (prompt_metric, inst_metric) in IFEVAL_AVERAGES.items():
             value, stderr = ifeval_average(samples, prompt_metric, inst_metric)
@@ -115,18 +117,24 @@ def table_rows(records: dict[str, dict], samples: list[dict]) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
+    """Run the evaluations whose result file is missing (only those named, if any), then write the table."""
+    unknown = sorted(set(only) - set(COMMANDS))
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(COMMANDS)}")
     for benchmark, extra in COMMANDS.items():
-        if not result_file(benchmark).is_file():
+        if not result_file(benchmark).is_file() and (not only or benchmark in only):
             print("$ python -m mainlib.evaluate " + shlex.join(COMMON + extra), flush=True)
             evaluate_cli(COMMON + extra)
-    records = {b: json.loads(result_file(b).read_text()) for b in COMMANDS}
+    missing = [b for b in COMMANDS if not result_file(b).is_file()]
+    if missing:
+        print(f"not run yet (left out of the table): {', '.join(missing)}", file=sys.stderr)
+    records = {b: json.loads(result_file(b).read_text()) for b in COMMANDS if b not in missing}
     samples_file = Path("runs") / RUN / "samples" / f"{MODEL}__ifeval.jsonl"
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()] if samples_file.is_file() else []
     rows = table_rows(records, samples)
     from mainlib.models import load_tokenizer
 
-    cap = records["ifeval"]["responses"]["mainlib_ifeval"]["cap"]
     payload = {
         "model": MODEL,
         "card": {b: {"what": what, "value": value} for b, (what, value) in CARD.items()},
@@ -134,7 +142,8 @@ def main() -> None:
         "settings": {b: r["settings"] for b, r in records.items()},
         "table": rows,
         "responses": {b: r.get("responses") for b, r in records.items()},
-        "ifeval_by_finish": ifeval_by_finish(samples, cap, load_tokenizer(MODEL)) if samples else None,
+        "not_run": missing,
+        "ifeval_by_finish": ifeval_by_finish(samples, IFEVAL_CAP, load_tokenizer(MODEL)) if samples else None,
         "provenance": provenance(),
     }
     out = write_json(Path("results") / RUN / f"{MODEL}.json", payload)
@@ -145,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
