@@ -390,6 +390,19 @@ def sample_records(output: dict[str, Any], names: Sequence[str]) -> list[dict[st
 # Running
 # --------------------------------------------------------------------------------------------------
 
+
+def portable(value: Any) -> Any:
+    """lm-eval's output with the machine's path to mainlib's task files made relative (`mainlib/tasks/...`)."""
+    from mainlib.tasks import TASKS_DIR
+
+    root = str(TASKS_DIR.parent.parent) + os.sep
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    return value.removeprefix(root) if isinstance(value, str) else value
+
+
 LM_EVAL_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
 
 
@@ -454,7 +467,7 @@ def _evaluate_label(
             "summary": task_rows,
             "seconds": seconds,
             "responses": {m: v for m, v in stats.items() if v},
-            "lm_eval": {k: output.get(k) for k in LM_EVAL_KEYS},
+            "lm_eval": portable({k: output.get(k) for k in LM_EVAL_KEYS}),
             "provenance": provenance(),
         }
         write_json(out_dir / f"{stem}.json", record)

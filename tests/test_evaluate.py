@@ -51,6 +51,7 @@ def test_offline_tasks_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -
     # the tiny tokenizer has a chat template: "auto" uses it, few-shot examples as turns; the cap is recorded
     assert record["settings"]["apply_chat_template"] is True and record["settings"]["fewshot_as_multiturn"] is True
     assert record["lm_eval"]["configs"]["mainlib_gsm8k"]["fewshot_config"] is not None
+    assert str(Path(__file__).resolve().parents[1]) not in json.dumps(record["lm_eval"])  # no machine paths
     assert record["responses"]["mainlib_gsm8k"]["n"] == 3 and record["responses"]["mainlib_gsm8k"]["cap"] == 8
     columns = list(headline_table(rows)[0])
     assert "gsm8k (exact_match, n=3, chat template, capped at 8 tokens)" in columns
