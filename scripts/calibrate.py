@@ -22,6 +22,7 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from mainlib.evaluate import main as evaluate_cli
+from mainlib.models import load_tokenizer
 from mainlib.results import markdown_table, provenance, write_json
 
 RUN = "calibration"
@@ -120,6 +121,22 @@ def table_rows(records: dict[str, dict], samples: list[dict]) -> list[dict]:
     return rows
 
 
+def reuse_sample_rows(rows: list[dict]) -> tuple[list[dict], list[dict] | None]:
+    """Add the IFEval average rows and by-finish split of the committed table, when its IFEval run is the same.
+
+    They need the per-prompt samples, which live under runs/ and are not kept across checkouts.
+    """
+    committed_file = Path("results") / RUN / f"{MODEL}.json"
+    if not committed_file.is_file() or not result_file("ifeval").is_file():
+        return rows, None
+    committed = json.loads(committed_file.read_text())
+    ifeval = json.loads(result_file("ifeval").read_text())
+    if committed.get("settings", {}).get("ifeval") != ifeval["settings"]:
+        return rows, None
+    averages = [r for r in committed["table"] if r["benchmark"] == "ifeval" and r["metric"].startswith("average")]
+    return rows + averages, committed.get("ifeval_by_finish")
+
+
 def main(only: list[str]) -> None:
     """Run the evaluations whose result file is missing (only those named, if any), then write the table."""
     unknown = sorted(set(only) - set(COMMANDS))
@@ -136,8 +153,9 @@ def main(only: list[str]) -> None:
     samples_file = Path("runs") / RUN / "samples" / f"{MODEL}__ifeval.jsonl"
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()] if samples_file.is_file() else []
     rows = table_rows(records, samples)
-    from mainlib.models import load_tokenizer
-
+    by_finish = ifeval_by_finish(samples, IFEVAL_CAP, load_tokenizer(MODEL)) if samples else None
+    if not samples:  # runs/ is not kept: reuse what the committed table computed from the IFEval samples
+        rows, by_finish = reuse_sample_rows(rows)
     payload = {
         "model": MODEL,
         "card": {b: {"what": what, "value": value} for b, (what, value) in CARD.items()},
@@ -146,13 +164,13 @@ def main(only: list[str]) -> None:
         "table": rows,
         "responses": {b: r.get("responses") for b, r in records.items()},
         "not_run": missing,
-        "ifeval_by_finish": ifeval_by_finish(samples, IFEVAL_CAP, load_tokenizer(MODEL)) if samples else None,
+        "ifeval_by_finish": by_finish,
         "provenance": provenance(),
     }
     out = write_json(Path("results") / RUN / f"{MODEL}.json", payload)
     print(markdown_table(rows))
-    if payload["ifeval_by_finish"]:
-        print(markdown_table(payload["ifeval_by_finish"]))
+    if by_finish:
+        print(markdown_table(by_finish))
     print(f"wrote {out}", file=sys.stderr)
 
 
