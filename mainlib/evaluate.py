@@ -87,7 +87,9 @@ class EvalSettings:
         default=None, metadata={"help": "documents per task (an int >= 1) or a fraction (0 < f < 1); None: all"}
     )
     num_fewshot: int | None = field(default=None, metadata={"help": "None: each task's own (GSM8K 5, MMLU 0)"})
-    batch_size: int | str = field(default="auto", metadata={"help": "lm-eval batch size (an int or 'auto')"})
+    batch_size: int | str = field(
+        default="auto", metadata={"help": "lm-eval batch size (an int or 'auto': lm-eval's probe on CUDA, 8 on CPU)"}
+    )
     max_gen_toks: int | None = field(
         default=None,
         metadata={"help": "cap on new tokens for every generative task; None keeps lm-eval's per-task settings"},
@@ -176,6 +178,16 @@ def code_execution(allowed: bool):
             os.environ.pop(OPT_IN_VARIABLE, None)
         else:
             os.environ[OPT_IN_VARIABLE] = before
+
+
+CPU_AUTO_BATCH_SIZE = 8
+
+
+def resolve_batch_size(setting: int | str, device: Any) -> int | str:
+    """lm-eval's "auto" tries ever larger batches until one fails. On CUDA that failure is an exception it
+    catches; on CPU it is the kernel's OOM killer (57 MMLU subjects at batch 64 used 23 GB and were killed),
+    so "auto" on CPU is a fixed batch that fits long documents."""
+    return CPU_AUTO_BATCH_SIZE if setting == "auto" and getattr(device, "type", str(device)) == "cpu" else setting
 
 
 def _label(model: str, adapter: str | None) -> str:
@@ -506,7 +518,8 @@ def compare(
     if "ifeval" in s.tasks:
         ensure_punkt()
     lm_model, adapter_names = attach_adapters(load_model(model, s.quantization).eval(), adapters)
-    lm = ContinuousHFLM(pretrained=lm_model, tokenizer=tokenizer, batch_size=s.batch_size, slots=s.generation_slots)
+    batch_size = resolve_batch_size(s.batch_size, lm_model.device)
+    lm = ContinuousHFLM(pretrained=lm_model, tokenizer=tokenizer, batch_size=batch_size, slots=s.generation_slots)
     rows = []
     for label, adapter in adapters.items():
         with active_adapter(lm_model, adapter_names[label]):

@@ -340,3 +340,14 @@ def test_cli_adapters() -> None:
     assert parse_adapters(None, False, "m") == {"base": None}
     assert parse_adapters(["MAIN=runs/a/forward"], True, "m") == {"base": None, "MAIN": "runs/a/forward"}
     assert parse_adapters(["runs/a/forward"], False, "m") == {"runs_a_forward": "runs/a/forward"}
+
+
+def test_auto_batch_size_is_fixed_on_cpu() -> None:
+    """On CPU lm-eval's probe ends in the OOM killer, not an exception: "auto" is a fixed size there."""
+    import torch
+
+    from mainlib.evaluate import CPU_AUTO_BATCH_SIZE, resolve_batch_size
+
+    assert resolve_batch_size("auto", torch.device("cpu")) == CPU_AUTO_BATCH_SIZE
+    assert resolve_batch_size(4, torch.device("cpu")) == 4
+    assert resolve_batch_size("auto", torch.device("cuda", 0)) == "auto"
