@@ -110,6 +110,10 @@ def test_killed_then_resumed_is_byte_identical(tmp_path: Path, mode: str, k: int
     assert concatenated(killed) == concatenated(whole_dir)
     assert list(iter_rows(killed)) == list(iter_rows(whole_dir)) and count_rows(killed) == whole.rows_out
     assert resumed.moments == whole.moments  # merged in shard order from the manifests: the very same floats
+    counts = resumed.to_dict()
+    assert counts["resumed_shards"] == complete and counts["rows_out"] == whole.rows_out
+    assert [s["rows_out"] for s in counts["per_shard"]] == [s.rows_out for s in whole.shards]
+    assert whole.rows_per_second > 0 and resumed.rows_per_second > 0
 
 
 def pool_pass(out_dir: Path, n: int, shard_size: int = 250) -> tuple[int, RunningMoments]:
@@ -145,6 +149,8 @@ def test_memory_does_not_grow_with_the_pool(tmp_path: Path) -> None:
 def test_running_moments_match_numpy_in_any_split() -> None:
     rng = np.random.default_rng(0)
     values = rng.normal(1e3, 2.5, 5_000)  # a large offset: a naive sum-of-squares would lose digits here
+    mean, std = float(np.mean(values)), float(np.std(values))  # np.std: ddof=0, the population std
+    assert std == pytest.approx(statistics.pstdev(values.tolist()), rel=1e-12)
     for _ in range(20):
         cuts = np.sort(rng.integers(0, len(values), size=rng.integers(0, 40)))  # repeated cuts give empty parts
         parts = [RunningMoments().update(p.tolist()) for p in np.split(values, cuts)]
@@ -155,9 +161,7 @@ def test_running_moments_match_numpy_in_any_split() -> None:
             order.pop(b)
         total = parts[order[0]]
         assert total.count == len(values)
-        assert total.mean == pytest.approx(np.mean(values), rel=1e-9, abs=1e-9)
-        assert total.std == pytest.approx(np.std(values), rel=1e-9)
-        assert total.std == pytest.approx(statistics.pstdev(values.tolist()), rel=1e-9)
+        assert total.mean == pytest.approx(mean, rel=1e-9, abs=1e-9) and total.std == pytest.approx(std, rel=1e-9)
 
     from mainlib.mutual import zscore
 
