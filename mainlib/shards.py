@@ -48,6 +48,7 @@ from mainlib.results import TEMP_SUFFIX, write_json, write_jsonl
 
 T = TypeVar("T")
 Row = dict[str, Any]
+Work = Callable[[list[T], int], "list[Row] | tuple[list[Row], dict[str, int]]"]
 Stats = Callable[[list[Row]], dict[str, Iterable[float]]]
 
 SHARDS_DIR = "shards"
@@ -148,6 +149,7 @@ class ShardInfo:
     rows_out: int
     seconds: float  # of `work` and the writes, when the shard was computed
     resumed: bool  # True: complete on disk, skipped in this call
+    counts: dict[str, int] = field(default_factory=dict)  # what `work` counted (e.g. rows dropped, by reason)
 
 
 @dataclass
@@ -175,6 +177,15 @@ class ShardSummary:
         return len(self.shards) - self.resumed
 
     @property
+    def counts(self) -> dict[str, int]:
+        """`work`'s counts summed over the shards."""
+        total: dict[str, int] = {}
+        for info in self.shards:
+            for name, value in info.counts.items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    @property
     def rows_per_second(self) -> float:
         """Input rows per second over the shards computed in this call (resumed shards cost ~nothing)."""
         done = [s for s in self.shards if not s.resumed]
@@ -190,6 +201,7 @@ class ShardSummary:
             "rows_out": self.rows_out,
             "seconds": self.seconds,
             "rows_per_second": self.rows_per_second,
+            "counts": self.counts,
             "moments": {k: m.to_dict() for k, m in self.moments.items()},
             "per_shard": [asdict(s) for s in self.shards],
         }
@@ -287,12 +299,11 @@ def _complete(folder: Path, index: int, manifest: Row, rows_in: int) -> bool:
     return True
 
 
-def _compute(
-    folder: Path, index: int, chunk: list[T], work: Callable[[list[T], int], list[Row]], meta: Row, stats: Stats | None
-) -> Row:
+def _compute(folder: Path, index: int, chunk: list[T], work: Work, meta: Row, stats: Stats | None) -> Row:
     """Run `work` on one shard, write its rows, then (last) its manifest."""
     start = time.perf_counter()
-    rows = work(chunk, index)
+    output = work(chunk, index)
+    rows, counts = output if isinstance(output, tuple) else (output, {})
     moments = reduce_moments(stats, rows) if stats else {}
     write_jsonl(_rows_path(folder, index), rows)
     manifest = {
@@ -302,6 +313,7 @@ def _compute(
         "seconds": time.perf_counter() - start,
         "sha256": file_sha256(_rows_path(folder, index)),
         **meta,
+        "counts": counts,
         "moments": {name: m.to_dict() for name, m in moments.items()},
     }
     write_json(_manifest_path(folder, index), manifest)  # its presence means the shard is complete
@@ -313,7 +325,7 @@ def _shard(
     index: int,
     chunk: list[T],
     manifest: Row | None,
-    work: Callable[[list[T], int], list[Row]],
+    work: Work,
     meta: Row,
     stats: Stats | None,
 ) -> tuple[Row, bool]:
@@ -327,7 +339,7 @@ def run_sharded(
     out_dir: str | Path,
     items: Iterable[T],
     shard_size: int,
-    work: Callable[[list[T], int], list[Row]],
+    work: Work,
     *,
     fingerprint: str,
     desc: str,
@@ -337,7 +349,8 @@ def run_sharded(
 ) -> ShardSummary:
     """Apply `work(shard_items, shard_index)` to `items` in shards of `shard_size`, resuming complete shards.
 
-    `work` returns the shard's output rows (JSON-able dicts, any number) and must seed from
+    `work` returns the shard's output rows (JSON-able dicts, any number), or (rows, counts) where counts are
+    integers the summary sums over shards (e.g. rows dropped by reason); it must seed from
     `shard_seed(seed, index)`. `stats(rows)` names value streams whose whole-pool moments the summary holds.
     `fingerprint` must cover the stage's input, config and code; see the module docstring for the rules.
     """
@@ -356,7 +369,16 @@ def run_sharded(
             manifest, resumed = _shard(folder, index, chunk, manifests.pop(index, None), work, meta, stats)
             for name, part in manifest["moments"].items():  # same order, same floats, resumed or not
                 moments.setdefault(name, RunningMoments()).merge(RunningMoments.from_dict(part))
-            infos.append(ShardInfo(index, manifest["rows_in"], manifest["rows_out"], manifest["seconds"], resumed))
+            infos.append(
+                ShardInfo(
+                    index,
+                    manifest["rows_in"],
+                    manifest["rows_out"],
+                    manifest["seconds"],
+                    resumed,
+                    manifest.get("counts", {}),
+                )
+            )
             resumed_shards += resumed
             bar.update(len(chunk))
             bar.set_postfix(shard=index, resumed=resumed_shards, refresh=False)

@@ -214,3 +214,14 @@ def test_input_changed_under_the_same_fingerprint_is_an_error(tmp_path: Path) ->
     (shard_dir(tmp_path) / "00004.json").unlink()
     with pytest.raises(ValueError, match=r"shards \[4\] are missing"):
         next(iter_rows(tmp_path))
+
+
+def test_counts_of_work_are_summed_over_shards_resumed_or_not(tmp_path: Path) -> None:
+    def work(items: list[int], index: int):
+        kept = [{"x": x} for x in items if x % 3]
+        return kept, {"kept": len(kept), "dropped_multiple_of_3": len(items) - len(kept)}
+
+    first = run_sharded(tmp_path, range(10), 4, work, fingerprint="f", desc="t", progress=False)
+    assert first.counts == {"kept": 6, "dropped_multiple_of_3": 4}
+    again = run_sharded(tmp_path, range(10), 4, work, fingerprint="f", desc="t", progress=False)
+    assert again.resumed == 3 and again.counts == first.counts and again.to_dict()["counts"] == first.counts
