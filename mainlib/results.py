@@ -11,7 +11,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,6 +54,18 @@ def device_description() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in MiB: CPU resident set, and CUDA allocations when there is a GPU.
+
+    Why: sharing one base among adapters (`adapters.ModelBank`) is about memory; this is what a run reports.
+    """
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"cpu_peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    if torch.cuda.is_available():
+        peak["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
 
 
 def provenance() -> dict[str, Any]:
