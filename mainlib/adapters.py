@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mainlib import models
@@ -96,8 +95,10 @@ class ModelBank:
     @staticmethod
     def peft_name(name: str) -> str:
         """The adapter's name inside peft (its parameter names, `peft_config`): `name`, or `name + "_adapter"` when
-        `name` is an attribute of torch modules (`forward`, `train`, ...), which peft's ModuleDicts refuse as keys."""
-        return f"{name}_adapter" if hasattr(torch.nn.ModuleDict(), name) else name
+        `name` is an attribute of torch modules (`forward`, `train`, ...), which peft's ModuleDicts refuse as keys,
+        or a part of peft's "lora_" prefix."""
+        refused = hasattr(torch.nn.ModuleDict(), name) or name in "lora_"  # peft: a part of its prefix may reload wrong
+        return f"{name}_adapter" if refused else name
 
     @property
     def model(self) -> torch.nn.Module:
@@ -174,17 +175,31 @@ class ModelBank:
         return config
 
     def copy(self, source: str, name: str) -> None:
-        """A frozen copy of adapter `source` named `name` (e.g. a DPO reference): same shape, same weights."""
+        """A frozen copy of adapter `source` named `name` (e.g. a DPO reference): same shape, weights and dtype.
+
+        The dtype too: TRL casts a QLoRA adapter it trains to bf16, and the LoRA product is computed in the
+        adapter's dtype, so an fp32 copy of bf16 weights would not give the same outputs.
+        """
         peft_model, source_name = self._check(source)
         peft_name = self._check_new(name)
         with self._keeping_grads():
             peft_model.add_adapter(peft_name, copy.deepcopy(peft_model.peft_config[source_name]))
-            weights = get_peft_model_state_dict(  # keys without the adapter's name
-                peft_model, models.lora_weights(peft_model), adapter_name=source_name
-            )
-            set_peft_model_state_dict(peft_model, weights, adapter_name=peft_name)
-        self._adapters[name] = peft_name
+            self._adapters[name] = peft_name
+            target = self.weights(name)
+            for key, param in self.weights(source).items():
+                target[key].data = param.detach().clone()
         self._frozen.add(name)
+
+    def weights(self, name: str) -> dict[str, torch.nn.Parameter]:
+        """Adapter `name`'s LoRA parameters, keyed by their names without the adapter's (comparable across adapters)."""
+        peft_model, peft_name = self._check(name)
+        found = {}
+        for key, param in peft_model.named_parameters():
+            parts = key.split(".")  # "...q_proj.lora_A.<adapter>.weight": the adapter follows a lora_* module
+            for i in range(1, len(parts)):
+                if parts[i] == peft_name and parts[i - 1].startswith("lora_"):
+                    found[".".join(parts[:i] + parts[i + 1 :])] = param
+        return found
 
     def save(self, name: str, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase, config: dict[str, Any]) -> Path:
         """Save only adapter `name` into `out_dir`, as `models.save_adapter` lays it out (so `models.load_adapter`
@@ -233,15 +248,21 @@ class ModelBank:
     @contextmanager
     def train(self, name: str) -> Iterator[PeftModel]:
         """The shared model with adapter `name` active and only its LoRA weights requiring grad: a trainer given
-        this model optimises `name` alone; every other adapter and the base stay frozen. Restored afterwards."""
+        this model optimises `name` alone; every other adapter and the base stay frozen. Restored afterwards,
+        with the dropout rates a trainer may change on the shared model."""
         peft_model, peft_name = self._check(name)
         if name in self._frozen:
             raise ValueError(f"adapter {name!r} was loaded for inference; load it with trainable=True to train it")
+        dropouts = {m: m.p for m in peft_model.modules() if isinstance(m, torch.nn.Dropout)}
         with self._restoring():
             peft_model.set_adapter(peft_name)
             peft_model.requires_grad_(False)
             peft_model.set_requires_grad(peft_name, True)
-            yield peft_model
+            try:
+                yield peft_model
+            finally:  # TRL's DPOTrainer sets every dropout of the model it gets to 0 (`disable_dropout`)
+                for module, p in dropouts.items():
+                    module.p = p
 
     @contextmanager
     def _restoring(self) -> Iterator[None]:

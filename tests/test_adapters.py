@@ -84,8 +84,6 @@ def test_one_base_holds_named_adapters(tiny_model_dir: Path, ids, load_calls) ->
 
 
 def test_seeded_init_is_reproducible_and_leaves_the_global_rng(tiny_model_dir: Path) -> None:
-    from peft.utils import get_peft_model_state_dict
-
     bank = ModelBank(str(tiny_model_dir), "none")
     torch.manual_seed(123)
     bank.add("a", LORA, seed=7)
@@ -94,8 +92,8 @@ def test_seeded_init_is_reproducible_and_leaves_the_global_rng(tiny_model_dir: P
     assert torch.equal(torch.rand(3), after)  # the global RNG did not move
     bank.add("b", LORA, seed=7)
     bank.add("c", LORA, seed=8)
-    a, b, c = (get_peft_model_state_dict(bank.model, adapter_name=n) for n in ("a", "b", "c"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b, c = (bank.weights(n) for n in ("a", "b", "c"))  # "a" is a part of peft's "lora_": renamed inside
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
@@ -127,28 +125,31 @@ def test_dpo_trains_one_adapter_against_its_start(
     """A trained adapter's reference is a frozen copy of its start in the same bank (first loss log 2, though the
     adapter differs from the base); the copy is gone afterwards and the other adapter and the base are unchanged."""
     bank = ModelBank(str(tiny_model_dir), quantization)
-    bank.add("policy", LORA, seed=0)
+    bank.add("forward", LORA, seed=0)  # MuSC can start from MAIN's forward adapter in the same bank
     bank.add("reverse", LORA, seed=1)
-    perturb(bank, "policy", 0)
+    perturb(bank, "forward", 0)
     before = snapshot(bank)
     settings = DPOSettings(learning_rate=5e-3, epochs=3, batch_size=2, warmup=0.0, scheduler="constant")
-    result = train_bank_tdpo(bank, "policy", tiny_tokenizer, ROWS, settings, tmp_path / "dpo")
+    result = train_bank_tdpo(bank, "forward", tiny_tokenizer, ROWS, settings, tmp_path / "dpo")
     assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
     assert result.log[-1]["rewards/margins"] > 0.01
-    assert bank.names == ["policy", "reverse"] and "ref" not in bank.model.peft_config
+    assert bank.names == ["forward", "reverse"] and "ref" not in bank.model.peft_config
     after = snapshot(bank)
     changed = {key for key in before if not torch.equal(before[key], after[key])}
-    assert changed and all(".policy." in key for key in changed)
+    assert changed and all(".forward_adapter." in key for key in changed)
     assert not any(p.requires_grad for p in bank.model.parameters())
 
 
 def test_dpo_from_a_fresh_adapter_uses_the_base(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
     bank = ModelBank(str(tiny_model_dir), "none")
     bank.add("policy", LORA, seed=0)
+    bank.add("sft", LoraSettings(r=4, alpha=8, dropout=0.1), seed=1)
     settings = DPOSettings(learning_rate=5e-3, epochs=2, batch_size=2, warmup=0.0, scheduler="constant")
     result = train_bank_tdpo(bank, "policy", tiny_tokenizer, ROWS, settings, tmp_path / "dpo")
     assert result.log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert result.log[-1]["loss"] < result.log[0]["loss"] and bank.names == ["policy"]
+    assert result.log[-1]["loss"] < result.log[0]["loss"] and bank.names == ["policy", "sft"]
+    rates = {m.p for m in bank.model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert 0.1 in rates  # TRL zeroes the dropout of the model it trains; the bank puts the other adapter's back
 
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])

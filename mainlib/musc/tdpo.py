@@ -30,14 +30,12 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from peft.utils import get_peft_model_state_dict
 from transformers import PreTrainedTokenizerBase, set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from mainlib.adapters import ModelBank
-from mainlib.models import lora_weights
 from mainlib.prompts import encode
 from mainlib.training import run_arguments, train
 
@@ -295,10 +293,9 @@ def train_tdpo(
 REFERENCE = "ref"
 
 
-def starts_at_base(model, name: str) -> bool:
+def starts_at_base(bank: ModelBank, name: str) -> bool:
     """Whether adapter `name` changes nothing yet: every LoRA B is zero, as peft initialises a fresh adapter."""
-    weights = get_peft_model_state_dict(model, lora_weights(model), adapter_name=name)
-    return not any(w.any() for key, w in weights.items() if "lora_B" in key)
+    return not any(w.any() for key, w in bank.weights(name).items() if ".lora_B." in key)
 
 
 def _bank_trainer(model, tokenizer, dataset: Dataset, settings: DPOSettings, output_dir) -> TokenWeightedDPOTrainer:
@@ -336,7 +333,7 @@ def train_bank_tdpo(
     """
     if REFERENCE in bank.names:
         raise ValueError(f"the bank holds an adapter named {REFERENCE!r}: TRL reserves that name for the reference")
-    from_base = starts_at_base(bank.model, name)
+    from_base = starts_at_base(bank, name)
     with bank.train(name) as model:
 
         def make(dataset: Dataset) -> TokenWeightedDPOTrainer:
