@@ -63,7 +63,8 @@ def peak_memory() -> dict[str, float]:
     """
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = {"cpu_peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # not imported: no model ran, so no CUDA memory either
+    if torch is not None and torch.cuda.is_available():
         peak["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return peak
 

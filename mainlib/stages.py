@@ -92,6 +92,7 @@ class StageContext:
     config: Any  # a ConfigView: only the declared fields
     dir: Path
     inputs: dict[str, StageResult]
+    fingerprint: str  # sharded outputs are tagged with it, so a resume never mixes settings
     shared: Any = None  # e.g. the tokenizer and the model bank, owned by the pipeline
 
     @property
@@ -311,6 +312,7 @@ class Run:
                 ConfigView(config, stage.reads, stage.name),
                 self.dir / stage.name,
                 {n: results[n] for n in stage.needs},
+                fingerprints[stage.name],
                 shared,
             )
             compute = lambda stage=stage, context=context: stage.compute(context)  # noqa: E731
