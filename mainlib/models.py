@@ -244,8 +244,22 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
     if quant is None:
         model.to(device)
+    elif device.type == "cpu":
+        keep_4bit_weights_unpacked(model)
     model.config.use_cache = False  # training default; generation turns it back on per call
     return model
+
+
+def keep_4bit_weights_unpacked(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its AVX512-bf16 CPU kernel (CPU 4-bit: tests only).
+
+    Why: `Linear4bit.forward` packs the weight in eval mode, and every `state_dict()` (peft takes one to load an
+    adapter) unpacks it again; the round trip is lossy (bitsandbytes 0.50, nn/modules.py `_save_to_state_dict`
+    and `forward`), so a 4-bit model's outputs moved each time an adapter was loaded next to it.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_quantized(model: PreTrainedModel) -> bool:
@@ -284,20 +298,51 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings, gradient_checkpointing:
     return get_peft_model(prepare_for_lora(model, gradient_checkpointing), lora_config(lora))
 
 
-def save_adapter(model, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, config: dict[str, Any]) -> Path:
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    """The LoRA parameters of a PeftModel by state-dict key: what peft's save and copy read, without the base.
+
+    Why not `model.state_dict()`: peft filters the adapter out of a full state dict, which gathers the whole
+    base (and a 4-bit base's quantisation states) for a few megabytes of adapter weights.
+    """
+    return {key: param.detach() for key, param in model.named_parameters() if "lora_" in key}
+
+
+def save_adapter(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    config: dict[str, Any],
+    adapter_name: str | None = None,
+) -> Path:
     """Save the LoRA adapter with its tokenizer and the mainlib config that made it.
 
     `config` must hold `base_model` (what `load_model` was given); the rest (LoRA shape, training
-    settings, direction) is stored for provenance and read back by `load_adapter`.
+    settings, direction) is stored for provenance and read back by `load_adapter`. `adapter_name` saves
+    only that adapter of a model holding several (a `ModelBank`), in the same layout.
     """
     if "base_model" not in config:
         raise ValueError("save_adapter needs config['base_model'] so the adapter can be reloaded")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    if adapter_name is None:
+        model.save_pretrained(out, state_dict=lora_weights(model))
+    else:
+        _save_one_adapter(model, adapter_name, out)
     tokenizer.save_pretrained(out)
     (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
     return out
+
+
+def _save_one_adapter(model, adapter_name: str, out: Path) -> None:
+    """Only `adapter_name`, its files directly in `out`: peft saves any adapter but "default" into a subfolder
+    named after it (peft_model.py, `save_pretrained`), which `load_adapter` and lm-eval would not find."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as tmp:
+        model.save_pretrained(tmp, selected_adapters=[adapter_name], state_dict=lora_weights(model))
+        saved = Path(tmp) if adapter_name == "default" else Path(tmp) / adapter_name
+        files = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}  # peft's README.md
+        files |= {p.name: p for p in saved.iterdir() if p.is_file()}
+        for name, path in files.items():
+            os.replace(path, out / name)
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
@@ -317,13 +362,19 @@ def load_adapter(
     device: str | torch.device | None = None,
     is_trainable: bool = False,
 ):
-    """Reload a saved adapter on its base model; returns (peft_model, tokenizer, config)."""
+    """Reload a saved adapter on its base model; returns (peft_model, tokenizer, config).
+
+    To train it further (`is_trainable`), the base gets the same k-bit preparation as a fresh adapter's
+    (`add_lora`), so 4-bit training numerics do not depend on whether the adapter was reloaded.
+    """
     from peft import PeftModel
 
     config = read_adapter_config(adapter_dir)
     base = load_model(
         config["base_model"], quantization, device, trust_remote_code=config.get("trust_remote_code", False)
     )
+    if is_trainable:
+        base = prepare_for_lora(base)
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     return model, tokenizer, config

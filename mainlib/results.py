@@ -11,14 +11,15 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import subprocess
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
+TEMP_SUFFIX = ".tmp"  # what a killed atomic write leaves behind
 VERSIONED_PACKAGES = ("mainlib", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
 
@@ -48,9 +49,24 @@ def git_commit() -> str | None:
 
 
 def device_description() -> str:
+    import torch  # here, not at the top: `shards` and `stages` use this module without a model
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in MiB: CPU resident set, and CUDA allocations when there is a GPU.
+
+    Why: sharing one base among adapters (`adapters.ModelBank`) is about memory; this is what a run reports.
+    """
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"cpu_peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    torch = sys.modules.get("torch")  # not imported: no model ran, so no CUDA memory either
+    if torch is not None and torch.cuda.is_available():
+        peak["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
 
 
 def provenance() -> dict[str, Any]:
@@ -63,15 +79,20 @@ def provenance() -> dict[str, Any]:
     }
 
 
-def write_json(path: str | Path, payload: Any) -> Path:
-    """Write JSON atomically: into a temp file in the same folder, then rename over the target."""
-    path = Path(path)
+def _atomic_write(path: Path, chunks: Iterable[str]) -> Path:
+    """Stream `chunks` into a temp file in the same folder, fsync it, then rename it over `path`.
+
+    A reader (or a resumed run) sees the old file or the whole new one, never a prefix; a killed writer leaves
+    only a `.<name>.*.tmp` file, which is safe to delete. The fsync makes the content durable before the rename.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.write("\n")
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
@@ -82,14 +103,14 @@ def write_json(path: str | Path, payload: Any) -> Path:
     return path
 
 
-def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write one JSON record per line, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write JSON atomically: into a temp file in the same folder, then rename over the target."""
+    return _atomic_write(Path(path), [json.dumps(payload, indent=2, default=str), "\n"])
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write one JSON record per line, atomically; `rows` may be a generator (it is streamed, not joined)."""
+    return _atomic_write(Path(path), (json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
 
 
 def write_result(results_dir: str | Path, run_name: str, name: str, config: dict[str, Any], **fields: Any) -> Path:

@@ -42,8 +42,9 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from mainlib.adapters import ModelBank
 from mainlib.data import Pair
-from mainlib.models import LoraSettings, Quantization, add_lora, load_model, save_adapter
+from mainlib.models import LoraSettings, Quantization
 from mainlib.prompts import Direction, encode
 from mainlib.results import write_json
 from mainlib.training import run_arguments, train
@@ -310,6 +311,24 @@ def train_sft(
     return SFTResult(settings.direction, losses, counts, seconds, settings.to_dict())
 
 
+def train_bank_adapter(
+    bank: ModelBank,
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Sequence[tuple[Pair, int]] | Sequence[Pair],
+    settings: SFTSettings,
+    out_dir: str | Path,
+    config: dict[str, Any] | None = None,
+) -> SFTResult:
+    """Train the bank's adapter `name` (only it: the other adapters and the base stay frozen) on `data`, and save
+    it to `out_dir` with `config` (plus the SFT settings) and its loss curve, `sft_result.json`."""
+    with bank.train(name) as model:
+        result = train_sft(model, tokenizer, data, settings, Path(out_dir) / "trainer")
+    bank.save(name, out_dir, tokenizer, {**(config or {}), "sft": settings.to_dict()})
+    write_json(Path(out_dir) / "sft_result.json", result.to_dict())
+    return result
+
+
 def train_adapter(
     base_model: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -321,12 +340,13 @@ def train_adapter(
 ):
     """Load `base_model`, add a fresh LoRA adapter, train it, and save it (with its config) to `out_dir`.
 
-    Returns (peft_model, SFTResult). The adapter directory also holds `sft_result.json` (the loss curve).
+    Returns (peft_model, SFTResult), the adapter active and trainable. The adapter directory also holds
+    `sft_result.json` (the loss curve). A bank of its own: `train_bank_adapter` trains one adapter of a shared bank.
     """
-    set_seed(settings.seed)  # the LoRA initialisation is random too
-    model = add_lora(load_model(base_model, quantization), lora, settings.gradient_checkpointing)
-    result = train_sft(model, tokenizer, data, settings, Path(out_dir) / "trainer")
-    config = {"base_model": base_model, "quantization": quantization, "lora": asdict(lora), "sft": settings.to_dict()}
-    save_adapter(model, tokenizer, out_dir, config)
-    write_json(Path(out_dir) / "sft_result.json", result.to_dict())
+    set_seed(settings.seed)
+    bank = ModelBank(base_model, quantization, settings.gradient_checkpointing)
+    bank.add("default", lora, seed=settings.seed)  # the LoRA initialisation is random too
+    result = train_bank_adapter(bank, "default", tokenizer, data, settings, out_dir, {"lora": asdict(lora)})
+    model = bank.model
+    model.set_adapter("default")  # callers train the returned model further (MAIN's rounds)
     return model, result

@@ -1,38 +1,75 @@
-"""Resumable stages: each stage writes its outputs under `runs/<run_name>/<stage>/`, then, last and atomically,
-a `manifest.json` with its config, the fingerprints of its inputs, package versions, counts and timings.
+"""Declarative, resumable stages: one runner for every pipeline (MAIN, MuSC).
 
-- Re-running skips a stage whose manifest matches (same config, same inputs).
-- A changed config or input reruns it; since a stage's fingerprint is an input of the stages after it,
-  they rerun too. The outputs it replaces are moved to `_superseded/`, never deleted.
-- A stage killed midway has no manifest and is redone from scratch.
-- `force=True` reruns every stage.
-- A run directory made for another model or data (`run.json`) is an error that says what to change.
+A pipeline is a list of `Stage` declarations, in order. Each stage says what it reads from the config
+(`reads`: dotted field paths), which earlier stages it consumes (`needs`), which data files it reads
+(`files`: config fields holding a path) and which code its outputs depend on (`code`). Its fingerprint is
+derived from exactly that, plus the fingerprints of the stages it needs:
+
+    fingerprint = hash(name, params, values of `reads`, contents of `files`, source of `code`, needs' fingerprints)
+
+so a changed field reruns the stages that read it and everything downstream, and an edited prompt template
+reruns the stages whose code includes it. A stage only sees the config through a `ConfigView` of its
+`reads`: reading anything else is an `UndeclaredRead` error, so the declaration cannot drift from the code.
+
+On disk, each stage lives in `runs/<run_name>/<stage>/`, finished by a `manifest.json` written last and
+atomically. The runner:
+- skips a stage whose manifest has the current fingerprint;
+- restores a stage from `_superseded/` when an earlier result of the same fingerprint is kept there;
+- moves a complete but stale stage to `_superseded/` (never deletes outputs) before recomputing it;
+- resumes an unfinished attempt of the same fingerprint (`attempt.json`; sharded stages pick up at the first
+  missing shard) and moves an unfinished attempt of another fingerprint aside;
+- reruns everything with `force=True`.
+A run directory made for another model or data (`run.json`) is an error that says what to change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from mainlib.results import package_versions, write_json
 
 MANIFEST = "manifest.json"
+ATTEMPT = "attempt.json"
+SUPERSEDED = "_superseded"
 
 
 class RunMismatchError(ValueError):
     """The run directory belongs to another experiment."""
 
 
+class UndeclaredRead(AttributeError):
+    """A stage read a config field it does not declare: its fingerprint would miss that field."""
+
+
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able values (configs, input fingerprints, data)."""
     text = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One declared step of a pipeline."""
+
+    name: str
+    compute: Callable[[StageContext], dict[str, Any]]  # returns the manifest's `counts`
+    reads: tuple[str, ...] = ()  # config paths ("lora", "main.final_alpha"): a path covers its sub-fields
+    needs: tuple[str, ...] = ()  # earlier stages whose outputs it consumes
+    files: tuple[str, ...] = ()  # config paths holding a file path: the file's bytes are fingerprinted
+    code: tuple[ModuleType | Callable, ...] = ()  # besides `compute`'s own module
+    params: dict[str, Any] = field(default_factory=dict)  # static arguments, e.g. {"k": 0} for round_0
+    resumable: bool = False  # True: an unfinished attempt is continued (sharded stages), not started over
 
 
 @dataclass
@@ -47,6 +84,125 @@ class StageResult:
         return self.manifest["fingerprint"]
 
 
+@dataclass
+class StageContext:
+    """What `compute` gets: its config view, its folder, the results it needs, the pipeline's shared objects."""
+
+    stage: Stage
+    config: Any  # a ConfigView: only the declared fields
+    dir: Path
+    inputs: dict[str, StageResult]
+    fingerprint: str  # sharded outputs are tagged with it, so a resume never mixes settings
+    shared: Any = None  # e.g. the tokenizer and the model bank, owned by the pipeline
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.stage.params
+
+
+# -- reading the config ---------------------------------------------------------------------------------------
+
+
+def config_value(config: Any, path: str) -> Any:
+    """`config.a.b` for path "a.b"."""
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _jsonable(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+class ConfigView:
+    """Attribute access to the declared fields of a config; anything else raises `UndeclaredRead`."""
+
+    def __init__(self, config: Any, reads: Sequence[str], stage: str, prefix: str = "") -> None:
+        self._config, self._reads, self._stage, self._prefix = config, tuple(reads), stage, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        path = self._prefix + name
+        value = getattr(self._config, name)
+        if any(path == r or path.startswith(r + ".") for r in self._reads):
+            return value  # declared whole: the real object
+        if any(r.startswith(path + ".") for r in self._reads):
+            return ConfigView(value, self._reads, self._stage, path + ".")  # declared in part
+        raise UndeclaredRead(
+            f"stage {self._stage!r} reads config.{path} but does not declare it; add {path!r} to its `reads`"
+        )
+
+
+# -- fingerprints ---------------------------------------------------------------------------------------------
+
+
+@cache
+def _source_hash(obj: ModuleType | Callable) -> str:
+    """Hash of the source file of a module (or of the module defining a function): edits rerun its stages."""
+    module = obj if isinstance(obj, ModuleType) else inspect.getmodule(obj)
+    return hashlib.sha256(Path(inspect.getfile(module)).read_bytes()).hexdigest()[:16]
+
+
+def code_version(stage: Stage) -> dict[str, str]:
+    objects = (stage.compute, *stage.code)
+    modules = {(o if isinstance(o, ModuleType) else inspect.getmodule(o)).__name__: o for o in objects}
+    return {name: _source_hash(obj) for name, obj in sorted(modules.items())}
+
+
+def file_hash(path: str | None) -> str | None:
+    """Content hash of a data file; bundled or hub names (no such file) are fingerprinted by name only."""
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def stage_key(stage: Stage, config: Any, needed: dict[str, str]) -> dict[str, Any]:
+    """Everything a stage's outputs depend on (stored in its manifest; the fingerprint is its hash)."""
+    return {
+        "params": stage.params,
+        "config": {path: _jsonable(config_value(config, path)) for path in stage.reads},
+        "files": {path: file_hash(config_value(config, path)) for path in stage.files},
+        "code": code_version(stage),
+        "inputs": {name: needed[name] for name in stage.needs},
+    }
+
+
+def check_declarations(stages: Sequence[Stage], config: Any) -> None:
+    """Unique names, needs that come earlier, reads and files that exist in the config."""
+    seen: set[str] = set()
+    for stage in stages:
+        if stage.name in seen:
+            raise ValueError(f"stage {stage.name!r} is declared twice")
+        missing = [n for n in stage.needs if n not in seen]
+        if missing:
+            raise ValueError(f"stage {stage.name!r} needs {missing}, which are not declared before it")
+        for path in (*stage.reads, *stage.files):
+            try:
+                config_value(config, path)
+            except AttributeError:
+                raise ValueError(f"stage {stage.name!r} declares config path {path!r}, which does not exist") from None
+        seen.add(stage.name)
+
+
+def plan(stages: Sequence[Stage], config: Any) -> dict[str, str]:
+    """Each stage's fingerprint, in order (no work, no model: what would run is decided from this)."""
+    check_declarations(stages, config)
+    fingerprints: dict[str, str] = {}
+    for stage in stages:
+        fingerprints[stage.name] = fingerprint(stage.name, stage_key(stage, config, fingerprints))
+    return fingerprints
+
+
+# -- the run directory ----------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 class Run:
     """A run directory and its stages. `identity` (base model, data) is fixed for the life of the directory."""
 
@@ -55,17 +211,115 @@ class Run:
         self.force = force
         self.calls: dict[str, int] = {}  # how often each stage really ran in this process (tests read it)
         self.dir.mkdir(parents=True, exist_ok=True)
-        run_file = self.dir / "run.json"
-        if run_file.is_file():
-            recorded = json.loads(run_file.read_text())["identity"]
-            changed = {k: (recorded.get(k), v) for k, v in identity.items() if recorded.get(k) != v}
-            if changed and not force:
-                what = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in changed.items())
-                raise RunMismatchError(
-                    f"{self.dir} was made for a different experiment ({what}). Choose another run_name, or pass "
-                    "force=True to recompute in it (its current outputs are kept under _superseded/)."
-                )
-        write_json(run_file, {"identity": identity})
+        recorded = (_read(self.dir / "run.json") or {}).get("identity", {})
+        changed = {k: (recorded.get(k), v) for k, v in identity.items() if recorded and recorded.get(k) != v}
+        if changed and not force:
+            what = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in changed.items())
+            raise RunMismatchError(
+                f"{self.dir} was made for a different experiment ({what}). Choose another run_name, or pass "
+                "force=True to recompute in it (its current outputs are kept under _superseded/)."
+            )
+        write_json(self.dir / "run.json", {"identity": identity})
+
+    def status(self, name: str, fp: str) -> str:
+        """ "done" (manifest matches), "kept" (in _superseded/), "partial" (same attempt), "stale" or "new"."""
+        stage_dir = self.dir / name
+        manifest, attempt = _read(stage_dir / MANIFEST), _read(stage_dir / ATTEMPT)
+        if self.force:
+            return "stale" if stage_dir.exists() else "new"
+        if manifest and manifest.get("fingerprint") == fp:
+            return "done"
+        if (self.dir / SUPERSEDED / f"{name}-{fp}" / MANIFEST).is_file():
+            return "kept"
+        if not manifest and attempt and attempt.get("fingerprint") == fp:
+            return "partial"
+        return "stale" if stage_dir.exists() else "new"
+
+    def _set_aside(self, name: str, tag: str) -> Path:
+        target = self.dir / SUPERSEDED / f"{name}-{tag}"
+        if target.exists():
+            target = target.with_name(f"{target.name}-{int(time.time())}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.dir / name), str(target))
+        return target
+
+    def _prepare(self, name: str, fp: str, resumable: bool) -> str:
+        """Get `runs/<run>/<name>` ready for fingerprint `fp`; returns the status it was found in."""
+        stage_dir, tag = self.dir / name, f"[{name}]"
+        state = self.status(name, fp)
+        if state == "partial" and not resumable:
+            state = "stale"
+        manifest = _read(stage_dir / MANIFEST)
+        if state in ("stale", "kept") and stage_dir.exists():
+            if manifest:
+                moved = self._set_aside(name, manifest["fingerprint"])
+                print(f"{tag} config, code or inputs changed; previous outputs moved to {moved}")
+            elif resumable and any(stage_dir.iterdir()):  # unfinished, other settings: its shards may be hours
+                moved = self._set_aside(name, f"{(_read(stage_dir / ATTEMPT) or {}).get('fingerprint')}-unfinished")
+                print(f"{tag} an unfinished attempt with other settings was moved to {moved}")
+            else:
+                shutil.rmtree(stage_dir)
+                print(f"{tag} found an unfinished attempt; redoing it")
+        if state == "kept":
+            shutil.move(str(self.dir / SUPERSEDED / f"{name}-{fp}"), str(stage_dir))
+            print(f"{tag} restored from {SUPERSEDED}/ (same fingerprint as an earlier run)")
+        elif state == "partial":
+            print(f"{tag} resuming an unfinished attempt ({stage_dir})")
+        elif state in ("stale", "new"):
+            stage_dir.mkdir(parents=True)
+            write_json(stage_dir / ATTEMPT, {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return state
+
+    def _compute(self, name: str, fp: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> StageResult:
+        stage_dir = self.dir / name
+        self.calls[name] = self.calls.get(name, 0) + 1
+        start = time.perf_counter()
+        counts = compute()
+        manifest = {
+            "stage": name,
+            "fingerprint": fp,
+            **key,
+            "counts": counts,
+            "seconds": time.perf_counter() - start,
+            "versions": package_versions(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json(stage_dir / MANIFEST, manifest)  # last, atomically: its presence means the stage is complete
+        (stage_dir / ATTEMPT).unlink(missing_ok=True)
+        return StageResult(name, stage_dir, False, manifest)
+
+    def _run_one(
+        self, name: str, fp: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]], resumable: bool = False
+    ) -> StageResult:
+        state = self._prepare(name, fp, resumable)
+        if state in ("done", "kept"):
+            if state == "done":
+                print(f"[{name}] up to date, skipped ({self.dir / name})")
+            return StageResult(name, self.dir / name, True, _read(self.dir / name / MANIFEST))
+        return self._compute(name, fp, key, compute)
+
+    def execute(self, stages: Sequence[Stage], config: Any, until: str | None = None, shared: Any = None):
+        """Run (or skip, restore, resume) the declared stages in order, up to and including `until`."""
+        names = [s.name for s in stages]
+        if until is not None and until not in names:
+            raise ValueError(f"until must be one of {', '.join(names)}; got {until!r}")
+        fingerprints = plan(stages, config)
+        results: dict[str, StageResult] = {}
+        for stage in stages:
+            key = stage_key(stage, config, fingerprints)
+            context = StageContext(
+                stage,
+                ConfigView(config, stage.reads, stage.name),
+                self.dir / stage.name,
+                {n: results[n] for n in stage.needs},
+                fingerprints[stage.name],
+                shared,
+            )
+            compute = lambda stage=stage, context=context: stage.compute(context)  # noqa: E731
+            results[stage.name] = self._run_one(stage.name, fingerprints[stage.name], key, compute, stage.resumable)
+            if stage.name == until:
+                break
+        return results
 
     def stage(
         self,
@@ -74,41 +328,7 @@ class Run:
         inputs: dict[str, str],
         compute: Callable[[Path], dict[str, Any]],
     ) -> StageResult:
-        """Run `compute(stage_dir)` unless a matching manifest exists; `compute` returns the manifest's `counts`."""
-        stage_dir = self.dir / name
-        tag = f"[{name}]"
+        """One imperative stage: `compute(stage_dir)` unless a manifest with this config and inputs exists."""
+        key = {"config": config, "inputs": inputs}
         fp = fingerprint(name, config, inputs)
-        manifest_file = stage_dir / MANIFEST
-        if manifest_file.is_file() and not self.force:
-            manifest = json.loads(manifest_file.read_text())
-            if manifest.get("fingerprint") == fp:
-                print(f"{tag} up to date, skipped ({stage_dir})")
-                return StageResult(name, stage_dir, True, manifest)
-        if stage_dir.exists():
-            if manifest_file.is_file():  # complete but stale: keep it aside
-                old = json.loads(manifest_file.read_text()).get("fingerprint", "unknown")
-                target = self.dir / "_superseded" / f"{name}-{old}"
-                if target.exists():
-                    target = target.with_name(f"{target.name}-{int(time.time())}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(stage_dir), str(target))
-                print(f"{tag} config or inputs changed; previous outputs moved to {target}")
-            else:  # killed midway: nothing complete to keep
-                shutil.rmtree(stage_dir)
-                print(f"{tag} found an unfinished attempt (no manifest); redoing it")
-        stage_dir.mkdir(parents=True)
-        self.calls[name] = self.calls.get(name, 0) + 1
-        start = time.perf_counter()
-        counts = compute(stage_dir)
-        manifest = {
-            "stage": name,
-            "fingerprint": fp,
-            "config": config,
-            "inputs": inputs,
-            "counts": counts,
-            "seconds": time.perf_counter() - start,
-            "versions": package_versions(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        write_json(manifest_file, manifest)  # last, atomically: its presence means the stage is complete
-        return StageResult(name, stage_dir, False, manifest)
+        return self._run_one(name, fp, key, lambda: compute(self.dir / name))

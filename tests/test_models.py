@@ -59,6 +59,17 @@ def test_4bit_lora_on_cpu_and_adapter_round_trip(tiny_model_dir: Path, tiny_toke
         assert not torch.allclose(reloaded(input_ids=x).logits, before, atol=1e-3)
 
 
+def test_4bit_cpu_outputs_survive_a_state_dict(tiny_model_dir: Path, tiny_tokenizer) -> None:
+    """bitsandbytes packs CPU 4-bit weights in eval mode and unpacks them for `state_dict()` (peft takes one to load
+    an adapter), lossily; `load_model` keeps them unpacked, so outputs do not move."""
+    model = models.load_model(str(tiny_model_dir), quantization="4bit").eval()
+    x = torch.tensor([tiny_tokenizer("Write a poem about the sea.")["input_ids"]])
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        model.state_dict()
+        assert torch.equal(model(input_ids=x).logits, before)
+
+
 def test_load_adapter_needs_the_mainlib_config(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"mainlib_adapter\.json"):
         models.load_adapter(tmp_path)

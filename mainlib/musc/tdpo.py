@@ -16,12 +16,13 @@ The dataset is tokenised here, by `prompts.encode` (the tokenisation the weights
 weights line up with the tokens by construction: TRL's own tokenisation is skipped for it.
 The reference is the policy's starting point without a second model in memory: with a fresh adapter, the
 base with the adapter disabled; when the policy already has a trained adapter (a MAIN model), TRL keeps a
-frozen copy of that adapter as "ref".
+frozen copy of that adapter as "ref". `train_bank_tdpo` trains one named adapter of a `ModelBank` the same
+way: the base with adapters disabled, or a frozen copy of the adapter in the same bank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
+from mainlib.adapters import ModelBank
 from mainlib.prompts import encode
 from mainlib.training import run_arguments, train
 
@@ -249,6 +251,21 @@ LOG_KEYS = (
 )
 
 
+def _fit(
+    make: Callable[[Dataset], TokenWeightedDPOTrainer],
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    settings: DPOSettings,
+) -> tuple[TokenWeightedDPOTrainer, DPOResult]:
+    """Tokenise the rows, build the trainer with `make`, train; the one training loop of both entry points."""
+    set_seed(settings.seed)
+    dataset, counts = preference_dataset(rows, tokenizer, settings.max_length)
+    trainer = make(dataset)
+    log, steps, seconds = train(trainer, LOG_KEYS)
+    counts = {**counts, "optimizer_steps": steps}
+    return trainer, DPOResult(log, counts, seconds, settings.to_dict())
+
+
 def train_tdpo(
     model,
     tokenizer: PreTrainedTokenizerBase,
@@ -258,9 +275,76 @@ def train_tdpo(
     peft_config=None,
 ):
     """Train on preference rows (see `preference_dataset`); returns (trained PeftModel, DPOResult)."""
-    set_seed(settings.seed)
-    dataset, counts = preference_dataset(rows, tokenizer, settings.max_length)
-    trainer = make_trainer(model, tokenizer, dataset, settings, output_dir, peft_config)
-    log, steps, seconds = train(trainer, LOG_KEYS)
-    counts = {**counts, "optimizer_steps": steps}
-    return trainer.model, DPOResult(log, counts, seconds, settings.to_dict())
+    trainer, result = _fit(
+        lambda dataset: make_trainer(model, tokenizer, dataset, settings, output_dir, peft_config),
+        tokenizer,
+        rows,
+        settings,
+    )
+    return trainer.model, result
+
+
+# --------------------------------------------------------------------------------------------------
+# An adapter of a ModelBank: the reference is the base, or a frozen copy in the same bank
+# --------------------------------------------------------------------------------------------------
+
+# TRL 1.16 scores the reference of a PeftModel with the adapter of this name active, or with all adapters
+# disabled when there is none (trl/trainer/dpo_trainer.py, `compute_ref_log_probs` and `_compute_loss`).
+REFERENCE = "ref"
+
+
+def starts_at_base(bank: ModelBank, name: str) -> bool:
+    """Whether adapter `name` changes nothing yet: every LoRA B is zero, as peft initialises a fresh adapter."""
+    return not any(w.any() for key, w in bank.weights(name).items() if ".lora_B." in key)
+
+
+def _bank_trainer(model, tokenizer, dataset: Dataset, settings: DPOSettings, output_dir) -> TokenWeightedDPOTrainer:
+    """`make_trainer` for a PeftModel whose adapters have names of their own (a ModelBank's).
+
+    Given a PeftModel, TRL 1.16's DPOTrainer reads the adapter named "default" and adds a copy of it as "ref"
+    (dpo_trainer.py, `__init__`); with no "default" it fails. The bank chooses the reference itself, so while
+    TRL builds, the trained adapter's config is shown under "default", and TRL's copy is dropped afterwards.
+    """
+    aliased = "default" not in model.peft_config
+    if aliased:
+        model.peft_config["default"] = model.peft_config[model.active_adapter]
+    try:
+        trainer = make_trainer(model, tokenizer, dataset, settings, output_dir)
+    finally:
+        if aliased:
+            del model.peft_config["default"]
+    if REFERENCE in model.peft_config:
+        model.delete_adapter(REFERENCE)
+    return trainer
+
+
+def train_bank_tdpo(
+    bank: ModelBank,
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    settings: DPOSettings,
+    output_dir: str | Path,
+) -> DPOResult:
+    """Train the bank's adapter `name` (only it) with token-weighted DPO against its own starting point.
+
+    The reference needs no second base: when `name` starts at the base (a fresh adapter) it is the base with
+    adapters disabled; otherwise a frozen copy of `name`, held in the bank as "ref" for the run only.
+    """
+    if REFERENCE in bank.names:
+        raise ValueError(f"the bank holds an adapter named {REFERENCE!r}: TRL reserves that name for the reference")
+    from_base = starts_at_base(bank, name)
+    with bank.train(name) as model:
+
+        def make(dataset: Dataset) -> TokenWeightedDPOTrainer:
+            trainer = _bank_trainer(model, tokenizer, dataset, settings, output_dir)
+            if not from_base:  # copied after TRL's set-up, which may cast the trained weights (QLoRA: bf16)
+                bank.copy(name, REFERENCE)
+            return trainer
+
+        try:
+            _, result = _fit(make, tokenizer, rows, settings)
+        finally:
+            if REFERENCE in bank.names:
+                bank.drop(REFERENCE)
+    return result
