@@ -220,15 +220,20 @@ def in_range(value: float, interval: str) -> bool:
     return above and below and not math.isnan(value)
 
 
+def type_allowed(value: Any, annotation: Any) -> str:
+    """The annotated type in words, with a hint when `value` is a number YAML read as text."""
+    text = type_name(annotation)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        text += f" (YAML reads {value} as text: write it with a dot, like 5.0e-6)"
+    return text
+
+
 def leaf_problem(obj: Any, field: dataclasses.Field, annotation: Any) -> str | None:
     """What is allowed for `field` of `obj` when its value breaks the field's type or metadata; else None."""
     value, meta = getattr(obj, field.name), field.metadata
     hint = f" ({meta['hint']})" if "hint" in meta else ""
     if not fits(value, annotation):
-        text = f"{type_name(annotation)}{hint}"
-        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-            text += f" (YAML reads {value} as text: write it with a dot, like 5.0e-6)"
-        return text
+        return type_allowed(value, annotation) + hint
     if "range" in meta and isinstance(value, int | float) and not in_range(value, meta["range"]):
         return f"{meta['range']}{hint}"
     if "choices" in meta and value not in meta["choices"]:
@@ -286,9 +291,9 @@ def describe(cls: type) -> list[dict[str, str]]:
     for name, p in parameters_of(cls).items():
         text = p.help
         if "range" in p.field.metadata:
-            text += f" Range {p.field.metadata['range']}."
+            text += f"; range {p.field.metadata['range']}"
         if "choices" in p.field.metadata:
-            text += f" One of {', '.join(p.field.metadata['choices'])}."
+            text += f"; one of {', '.join(p.field.metadata['choices'])}"
         rows.append(
             {
                 "name": name,
