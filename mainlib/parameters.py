@@ -41,11 +41,14 @@ class ConfigError(ValueError):
     """Everything wrong with a configuration, one line per problem, each naming the parameter."""
 
     def __init__(self, problems: Sequence[Problem], where: str = "") -> None:
-        self.problems = list(problems)
+        self.problems, self.where = list(problems), where
         names = ", ".join(dict.fromkeys(p.name for p in self.problems))
         head = f"{where}: " if where else ""
         lines = "\n".join(f"  {p}" for p in self.problems)
         super().__init__(f"{head}{len(self.problems)} invalid parameter(s): {names}\n{lines}")
+
+    def __reduce__(self):  # pickles with its problems (a worker process can raise it)
+        return type(self), (self.problems, self.where)
 
 
 @dataclass(frozen=True)
