@@ -444,9 +444,42 @@ def test_paper_recipe_and_the_defaults_are_the_spec() -> None:
             assert value == expected, (recipe, section, path, value, expected)
         assert configs["musc"].weights.mode == "kl" and configs["main"].lora.target_modules == "all-linear"
         assert configs["main"].quantization == configs["musc"].quantization == "auto"
-    paper = (REPO / "recipes" / "paper.yaml").read_text(encoding="utf-8").splitlines()
-    numbers = [line for line in paper if re.search(r": [\d.e-]+\b", line.split("#")[0])]
-    assert len(numbers) >= 25 and all(re.search(r"# lines? \d+", line) for line in numbers)  # each cites its line
+
+
+def numeric_leaves(value: object) -> dict[str, float]:
+    """The numbers of a parsed YAML line by key (nested mappings flattened)."""
+    leaves: dict[str, float] = {}
+    for key, sub in value.items() if isinstance(value, dict) else ():
+        if isinstance(sub, dict):
+            leaves |= numeric_leaves(sub)
+        elif isinstance(sub, int | float) and not isinstance(sub, bool):
+            leaves[key] = float(sub)
+    return leaves
+
+
+def test_paper_recipe_numbers_are_on_the_lines_they_cite() -> None:
+    """Each number of recipes/paper.yaml appears on the ALGORITHMS.md line(s) its comment cites (an effective
+    batch as batch_size x grad_accum; temperature 0 as "greedy")."""
+    spec = (REPO / "docs" / "ALGORITHMS.md").read_text(encoding="utf-8").splitlines()
+    checked = 0
+    for line in (REPO / "recipes" / "paper.yaml").read_text(encoding="utf-8").splitlines():
+        code, _, comment = line.partition("#")
+        leaves = numeric_leaves(yaml.safe_load(code.strip()) or {}) if code.strip() else {}
+        if not leaves:
+            continue
+        cited = re.match(r"\s*lines? ([\d, -]+(?:and [\d, -]+)?)", re.sub(r"\([^)]*\)", "", comment))
+        assert cited, f"no citation: {line}"
+        numbers = [int(n) for n in re.findall(r"\d+", cited.group(1))]
+        spans = re.findall(r"(\d+)-(\d+)", cited.group(1))
+        lines = set(numbers) | {n for a, b in spans for n in range(int(a), int(b) + 1)}
+        text = " ".join(spec[n - 1] for n in sorted(lines))
+        found = {float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?:\.\d+)?(?:e-?\d+)?", text)}
+        if "batch_size" in leaves and "grad_accum" in leaves:
+            leaves["effective batch"] = leaves.pop("batch_size") * leaves.pop("grad_accum")
+        for key, value in leaves.items():
+            assert value in found or (value == 0 and key == "temperature" and "greedy" in text), (key, value, line)
+            checked += 1
+    assert checked >= 30
 
 
 # ---- notebooks ----------------------------------------------------------------------------------------
