@@ -180,7 +180,10 @@ class MuscConfig:
     )
     n: int | None = field(
         default=None,
-        metadata={"help": "instructions sampled with `seed` (or written: None is 24); None: all", "range": "[1, inf)"},
+        metadata={
+            "help": "instructions used, sampled with `seed` (None: all); with 'self': written (None: 24)",
+            "range": "[1, inf)",
+        },
     )
     self_instruct_constraints: int = field(
         default=5, metadata={"help": "'self': a task with more than N constraints", "range": "[1, inf)"}
