@@ -90,6 +90,7 @@ def is_settings(annotation: Any) -> bool:
 
 @functools.cache
 def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotation of each field (the modules use `from __future__ import annotations`)."""
     return get_type_hints(cls)
 
 

@@ -16,6 +16,7 @@ import yaml
 from mainlib import config as cfg
 from mainlib.config import ConfigError, MainConfig, MuscConfig, build, describe, flat_parameters, validate
 from mainlib.parameters import parameters_of, shared_fields
+from mainlib.sft import SFTSettings
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = (MainConfig, MuscConfig)
@@ -245,6 +246,8 @@ def test_each_sft_has_its_own_sizes_and_nothing_is_copied() -> None:
     for sft in (config.sft, config.round_sft, config.final_sft):  # run-wide settings have one home each
         assert not {"max_length", "seed", "direction"} & set(sft.to_dict())
     assert (config.max_length, config.seed) == (160, 5)
+    with pytest.raises(ConfigError, match=r"parameter round_sft: got SFTSettings\(.*\); allowed: SFTHyperparameters"):
+        validate(MainConfig(round_sft=SFTSettings(max_length=99)))  # its max_length would be ignored: refused
 
 
 def test_musc_seeds_follow_the_one_seed(tmp_path: Path) -> None:
