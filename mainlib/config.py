@@ -253,7 +253,8 @@ def recipe_path(recipe: str | Path) -> Path:
 
 
 def load_recipe(cls: type, recipe: str | Path | Mapping[str, Any]) -> Recipe:
-    """The values a recipe sets for `cls`: its `cls.recipe_section` section, every key and type checked."""
+    """The values a recipe sets for `cls`: its `cls.recipe_section` section (a mapping is taken as that
+    section's content), every key and type checked."""
     if isinstance(recipe, Mapping):
         source, raw = "<mapping>", {cls.recipe_section: dict(recipe)}
     else:
@@ -357,7 +358,8 @@ def assemble(cls: type[T], recipe: str | Path | Mapping | None, flat: Mapping[st
 
 
 def build(cls: type[T], recipe: str | Path | Mapping | None = None, /, **flat: Any) -> T:
-    """`cls` from a recipe (bundled name, YAML path, or mapping) and flat overrides (papermill names)."""
+    """`cls` from a recipe (a bundled name, a YAML path, or the mapping of one section) and flat overrides
+    (papermill names); every problem in one ConfigError. Overrides of recipe values are logged."""
     config, provenance = assemble(cls, recipe, flat)
     if provenance.overridden:
         log.info("%s: %s", cls.__name__, provenance.summary())
