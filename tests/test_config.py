@@ -160,6 +160,18 @@ def test_two_leaves_with_one_flat_name_are_an_error() -> None:
 def test_every_option_has_help_and_describe_lists_it(cls, capsys) -> None:
     missing = [name for name, p in parameters_of(cls).items() if len(p.help.strip()) < 8]
     assert not missing, f"{cls.__name__}: no help for {missing}"
+
+    def without_help(c: type, path: str = "") -> list[str]:  # every field, nested settings and followers too
+        found = []
+        for f in dataclasses.fields(c):
+            if len(f.metadata.get("help", "").strip()) < 8:
+                found.append(f"{path}{f.name}")
+            annotation = get_type_hints(c)[f.name]
+            if dataclasses.is_dataclass(annotation):
+                found += without_help(annotation, f"{path}{f.name}.")
+        return found
+
+    assert not without_help(cls)
     rows = describe(cls)
     assert [r["name"] for r in rows] == list(flat_parameters(cls))
     defaults = cls()
