@@ -38,11 +38,13 @@ from mainlib.prompts import Direction, build_prompt
 class GenerationSettings:
     """Sampling settings. temperature 0 means greedy decoding."""
 
-    max_new_tokens: int = field(default=256, metadata={"help": "tokens to write at most"})
-    temperature: float = field(default=0.7, metadata={"help": "0 = greedy; Humpback used 0.7"})
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
-    token_budget: int = field(default=16384, metadata={"help": "rows x (prompt + new tokens) per batch"})
-    max_batch_size: int = field(default=64, metadata={"help": "rows per batch at most"})
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens to write at most", "range": "[1, inf)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature; 0 = greedy", "range": "[0, inf)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass", "range": "(0, 1]"})
+    token_budget: int = field(
+        default=16384, metadata={"help": "rows x (prompt + new tokens) per batch", "range": "[1, inf)"}
+    )
+    max_batch_size: int = field(default=64, metadata={"help": "rows per batch at most", "range": "[1, inf)"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     engine: Literal["auto", "hf", "static", "vllm"] = field(
         default="auto", metadata={"help": "auto: vllm when installed (and CUDA), else hf; see the module docstring"}

@@ -63,11 +63,14 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 class LoraSettings:
     """LoRA adapter shape. Defaults follow the MuSC public config: all linear layers."""
 
-    r: int = field(default=16, metadata={"help": "LoRA rank"})
-    alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    r: int = field(default=16, metadata={"help": "LoRA rank", "range": "[1, inf)"})
+    alpha: int = field(
+        default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r", "range": "[1, inf)"}
+    )
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input", "range": "[0, 1)"})
     target_modules: str | list[str] = field(
-        default="all-linear", metadata={"help": "'all-linear' or a list of module names (q_proj, ...)"}
+        default="all-linear",
+        metadata={"help": "'all-linear' (the MuSC config: every linear layer) or a list of module names (q_proj, ...)"},
     )
 
 

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mainlib.data import Pair, normalize_text
 from mainlib.generate import Generation, GenerationSettings, complete_pairs, generate
+from mainlib.parameters import check
 from mainlib.scoring import ScoringSettings, score_pairs
 from mainlib.sft import SFTResult, SFTSettings, train_sft, weight_pairs
 
@@ -40,37 +41,55 @@ SYNTHESIS_DROP_REASONS = ("empty", "truncated", "duplicate")
 
 @dataclass
 class MainSettings:
-    """Every open choice of MAIN, with the defaults of ALGORITHMS.md."""
+    """Every open choice of MAIN, with the defaults of ALGORITHMS.md §1 and §3."""
 
-    rounds: int = field(default=1, metadata={"help": "K, mutual-alignment rounds"})
-    alpha_schedule: Schedule = field(default="linear", metadata={"help": "constant | linear | cosine"})
-    alpha_start: float = field(default=0.1, metadata={"help": "α in round 0 (and the constant value)"})
-    alpha_end: float = field(default=0.5, metadata={"help": "α in round K-1 (linear, cosine)"})
-    filter_method: FilterMethod = field(default="mutual", metadata={"help": "mutual|forward|reverse|humpback|none"})
-    score_normalization: Normalization = field(default="pmi", metadata={"help": "pmi | none"})
-    lam: float = field(default=0.5, metadata={"help": "λ: weight of z(s_f) in the mutual score"})
-    top_fraction: float | None = field(default=0.5, metadata={"help": "keep the best ceil(f·n); in (0, 1]"})
-    threshold: float | None = field(default=None, metadata={"help": "or keep scores >= threshold"})
-    humpback_min_rating: int = field(default=4, metadata={"help": "humpback: keep ratings >= this"})
-    final_alpha: float = field(default=0.5, metadata={"help": "α of the final SFT on seed ∪ selected"})
-    system_seed: str | None = field(default=None, metadata={"help": "system tag of seed pairs"})
+    rounds: int = field(
+        default=1,
+        metadata={"help": "K, mutual-alignment rounds (0: synthesis uses the seed models)", "range": "[0, inf)"},
+    )
+    alpha_schedule: Schedule = field(
+        default="linear", metadata={"help": "α_k over the rounds: constant | linear | cosine"}
+    )
+    alpha_start: float = field(
+        default=0.1, metadata={"help": "α in round 0 (and the constant value)", "range": "[0, 1]"}
+    )
+    alpha_end: float = field(default=0.5, metadata={"help": "α in round K-1 (linear, cosine)", "range": "[0, 1]"})
+    filter_method: FilterMethod = field(
+        default="mutual", metadata={"help": "mutual | forward | reverse (ablations) | humpback (baseline) | none"}
+    )
+    score_normalization: Normalization = field(
+        default="pmi", metadata={"help": "pmi: minus the unconditional likelihood; none: the plain likelihood"}
+    )
+    lam: float = field(default=0.5, metadata={"help": "λ: weight of z(s_f) in the mutual score", "range": "[0, 1]"})
+    top_fraction: float | None = field(
+        default=0.5,
+        metadata={
+            "help": "keep the best ceil(f·n) pairs; None to select by threshold",
+            "range": "(0, 1]",
+            "hint": "use 1.0 to keep all",
+            "excludes": "threshold",
+        },
+    )
+    threshold: float | None = field(
+        default=None, metadata={"help": "or keep pairs scoring >= threshold (then top_fraction must be None)"}
+    )
+    humpback_min_rating: int = field(
+        default=4, metadata={"help": "humpback: keep pairs rated >= this (1-5 scale)", "range": "[1, 5]"}
+    )
+    final_alpha: float = field(
+        default=0.5, metadata={"help": "α of the final SFT on seed ∪ selected", "range": "[0, 1]"}
+    )
+    system_seed: str | None = field(default=None, metadata={"help": "system tag of seed pairs (Humpback's style tag)"})
     system_synthetic: str | None = field(default=None, metadata={"help": "system tag of synthetic pairs"})
 
-    def validate(self) -> None:
-        if self.filter_method not in FILTER_METHODS:
-            raise ValueError(f"filter_method must be one of {', '.join(FILTER_METHODS)}; got {self.filter_method!r}")
-        if self.score_normalization not in ("pmi", "none"):
-            raise ValueError(f"score_normalization must be 'pmi' or 'none'; got {self.score_normalization!r}")
-        if self.alpha_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"alpha_schedule must be constant, linear or cosine; got {self.alpha_schedule!r}")
+    def rules(self) -> list[tuple[str, Any, str]]:
+        """(field, value, allowed) for each broken rule between fields."""
         if self.top_fraction is None and self.threshold is None and self.filter_method not in ("humpback", "none"):
-            raise ValueError("set top_fraction (e.g. 0.5) or threshold to select pairs")
-        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
-            raise ValueError(f"top_fraction must be in (0, 1]; got {self.top_fraction} (use 1.0 to keep all)")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1]; got {self.lam}")
-        if self.rounds < 0:
-            raise ValueError(f"rounds must be >= 0; got {self.rounds}")
+            return [("top_fraction", None, f"a fraction in (0, 1], or set threshold ({self.filter_method} selects)")]
+        return []
+
+    def validate(self) -> None:
+        check(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mainlib import data, parameters
+from mainlib import data
+from mainlib.config import MainConfig, validate
 from mainlib.data import Pair
-from mainlib.generate import GenerationSettings
-from mainlib.models import LoraSettings, Quantization, load_adapter, load_tokenizer, save_adapter
+from mainlib.models import load_adapter, load_tokenizer, save_adapter
 from mainlib.mutual import (
-    MainSettings,
     PoolScores,
     Synthesis,
     alpha_schedule,
@@ -32,116 +31,14 @@ from mainlib.mutual import (
     select,
     synthesize,
 )
-from mainlib.parameters import apply_parameters
 from mainlib.results import write_json, write_jsonl
-from mainlib.scoring import ScoringSettings
 from mainlib.sft import SFTSettings, train_adapter, weight_pairs
 from mainlib.stages import Run, fingerprint
 
 STAGES = ("init_sft", "rounds", "synthesize", "score", "select", "final_sft")
 
 
-@dataclass
-class PipelineConfig:
-    """Everything one MAIN run depends on. The notebooks' parameters cells fill it."""
-
-    run_name: str = "main"
-    runs_dir: str = "runs"
-    model: str = "smollm2-135m-instruct"
-    quantization: Quantization = "auto"
-    seed_data: str = "bundled:seed"
-    pool_data: str = "bundled:unlabeled"
-    n_seed: int | None = 48
-    n_pool: int | None = 64
-    max_length: int = 256
-    seed: int = 0
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
-    sft: SFTSettings = field(default_factory=lambda: SFTSettings(learning_rate=1e-3, epochs=2.0, max_length=256))
-    round_sft: SFTSettings = field(default_factory=lambda: SFTSettings(learning_rate=5e-4, epochs=1.0, max_length=256))
-    final_sft: SFTSettings = field(default_factory=lambda: SFTSettings(learning_rate=1e-3, epochs=1.0, max_length=256))
-    main: MainSettings = field(default_factory=MainSettings)
-    round_generation: GenerationSettings = field(
-        default_factory=lambda: GenerationSettings(max_new_tokens=96, temperature=0.7, top_p=0.9)
-    )
-    synthesis: GenerationSettings = field(
-        default_factory=lambda: GenerationSettings(max_new_tokens=64, temperature=0.7, top_p=0.9)
-    )
-    rating: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=12, temperature=0.0))
-    scoring: ScoringSettings = field(default_factory=ScoringSettings)
-
-    @classmethod
-    def from_params(cls, **params: Any) -> PipelineConfig:
-        """Build the config from the flat parameters of a notebook's `parameters` cell (see FLAT_PARAMETERS)."""
-        config = cls()
-        apply_parameters(config, params, FLAT_PARAMETERS)
-        # the batch size and sequence length are shared by every SFT of the run
-        for sft in (config.sft, config.round_sft, config.final_sft):
-            sft.batch_size, sft.max_length, sft.seed = config.sft.batch_size, config.max_length, config.seed
-        return config
-
-    def identity(self) -> dict[str, Any]:
-        """What a run directory is tied to: another model or data needs another run_name."""
-        return {"model": self.model, "seed_data": self.seed_data, "pool_data": self.pool_data}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# flat notebook parameter -> attribute path in PipelineConfig
-FLAT_PARAMETERS: dict[str, tuple[str, ...]] = {
-    **{
-        k: (k,)
-        for k in (
-            "run_name",
-            "runs_dir",
-            "model",
-            "quantization",
-            "seed_data",
-            "pool_data",
-            "n_seed",
-            "n_pool",
-            "max_length",
-            "seed",
-        )
-    },
-    "lora_r": ("lora", "r"),
-    "lora_alpha": ("lora", "alpha"),
-    "lora_dropout": ("lora", "dropout"),
-    "learning_rate": ("sft", "learning_rate"),
-    "epochs": ("sft", "epochs"),
-    "batch_size": ("sft", "batch_size"),
-    "final_learning_rate": ("final_sft", "learning_rate"),
-    "final_epochs": ("final_sft", "epochs"),
-    "round_learning_rate": ("round_sft", "learning_rate"),
-    "round_epochs": ("round_sft", "epochs"),
-    **{
-        k: ("main", k)
-        for k in (
-            "rounds",
-            "alpha_schedule",
-            "alpha_start",
-            "alpha_end",
-            "filter_method",
-            "score_normalization",
-            "lam",
-            "top_fraction",
-            "threshold",
-            "humpback_min_rating",
-            "final_alpha",
-            "system_seed",
-            "system_synthetic",
-        )
-    },
-    "round_max_new_tokens": ("round_generation", "max_new_tokens"),
-    "synthesis_max_new_tokens": ("synthesis", "max_new_tokens"),
-    "synthesis_temperature": ("synthesis", "temperature"),
-    "synthesis_top_p": ("synthesis", "top_p"),
-}
-
-
-def pick_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline parameters among a notebook's variables (`pick_parameters(globals())`)."""
-    return parameters.pick_parameters(namespace, FLAT_PARAMETERS)
+PipelineConfig = MainConfig  # defined once, in mainlib.config (flat names, recipes, validation)
 
 
 @dataclass
@@ -188,7 +85,7 @@ def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = Fal
     """Run (or resume) the MAIN stages up to and including `until` ("init_sft", "rounds", ..., "final_sft")."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {', '.join(STAGES)}; got {until!r}")
-    config.main.validate()
+    validate(config)  # everything checkable without a model, before the first stage
     last = STAGES.index(until)
     tokenizer = load_tokenizer(config.model)
     seed_pairs, pool, clean = load_inputs(config, tokenizer)
@@ -362,7 +259,7 @@ def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = Fal
             kept = [i for i, r in enumerate(state.ratings) if r is not None and r >= main.humpback_min_rating]
         else:
             values = filter_scores(state.scores, main.filter_method, main.score_normalization, main.lam)
-            kept = select(values, main.top_fraction if main.threshold is None else None, main.threshold)
+            kept = select(values, main.top_fraction, main.threshold)  # validate: exactly one is set
         write_json(out / "selection.json", {"scores": values, "kept": kept})
         write_jsonl(out / "selected.jsonl", [synthetic[i].to_dict() for i in kept])
         return {"candidates": len(synthetic), "selected": len(kept)}

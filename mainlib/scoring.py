@@ -26,11 +26,16 @@ from mainlib.prompts import Direction, Encoded, encode
 
 @dataclass
 class ScoringSettings:
-    token_budget: int = field(default=8192, metadata={"help": "rows x longest length per forward pass"})
-    max_batch_size: int | None = field(
-        default=None, metadata={"help": "rows per forward pass at most; None: 64 on CUDA, 1 on CPU"}
+    """Batching of likelihood scoring; it changes speed and memory, not the scores."""
+
+    token_budget: int = field(
+        default=8192, metadata={"help": "rows x longest length per forward pass", "range": "[1, inf)"}
     )
-    head_chunk: int = field(default=1024, metadata={"help": "target positions per LM-head chunk"})
+    max_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "rows per forward pass at most; None: 64 on CUDA, 1 on CPU", "range": "[1, inf)"},
+    )
+    head_chunk: int = field(default=1024, metadata={"help": "target positions per LM-head chunk", "range": "[1, inf)"})
 
 
 @dataclass(frozen=True)

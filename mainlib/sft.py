@@ -47,25 +47,31 @@ from mainlib.data import Pair
 from mainlib.models import LoraSettings, Quantization
 from mainlib.prompts import Direction, encode
 from mainlib.results import write_json
-from mainlib.training import run_arguments, train
+from mainlib.training import SCHEDULERS, run_arguments, train
 
 SEED, SYNTHETIC = 0, 1  # values of the `group` column
 
 
 @dataclass
-class SFTSettings:
-    """One SFT run of one direction. Defaults suit the bundled 135M model on CPU; raise them on a GPU."""
+class SFTHyperparameters:
+    """What each SFT of a pipeline sets on its own. The run-wide parts (direction, max_length, seed, system
+    tags) are in `SFTSettings`, so a pipeline config holds each of them once instead of copying it around."""
 
-    direction: Direction = field(default="forward", metadata={"help": "forward: x->y; reverse: y->x"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the data"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (LoRA)"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    max_length: int = field(default=512, metadata={"help": "prompt + target tokens; longer targets are cut"})
-    warmup: float = field(default=0.05, metadata={"help": "warm-up steps, or a fraction of all steps if < 1"})
-    scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    seed: int = field(default=0, metadata={"help": "data order and dropout"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data", "range": "(0, inf)"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (LoRA)", "range": "(0, inf)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch", "range": "[1, inf)"})
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches per optimiser step (effective batch = batch_size x this)",
+            "range": "[1, inf)",
+        },
+    )
+    warmup: float = field(
+        default=0.05, metadata={"help": "warm-up steps, or a fraction of all steps if < 1", "range": "[0, inf)"}
+    )
+    scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type", "choices": SCHEDULERS})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
     packing: bool | None = field(
         default=None,
@@ -74,12 +80,25 @@ class SFTSettings:
     group_by_length: bool = field(
         default=True, metadata={"help": "batch examples of similar length (less padding); order stays random"}
     )
-    logging_steps: int = field(default=1, metadata={"help": "optimiser steps between loss records"})
-    system_seed: str | None = field(default=None, metadata={"help": "system tag for seed examples (Humpback)"})
-    system_synthetic: str | None = field(default=None, metadata={"help": "system tag for synthetic examples"})
+    logging_steps: int = field(
+        default=1, metadata={"help": "optimiser steps between loss records", "range": "[1, inf)"}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class SFTSettings(SFTHyperparameters):
+    """One SFT run of one direction. Defaults suit the bundled 135M model on CPU; raise them on a GPU."""
+
+    direction: Direction = field(default="forward", metadata={"help": "forward: x->y; reverse: y->x"})
+    max_length: int = field(
+        default=512, metadata={"help": "prompt + target tokens; longer targets are cut", "range": "[1, inf)"}
+    )
+    seed: int = field(default=0, metadata={"help": "data order and dropout"})
+    system_seed: str | None = field(default=None, metadata={"help": "system tag for seed examples (Humpback)"})
+    system_synthetic: str | None = field(default=None, metadata={"help": "system tag for synthetic examples"})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ fails is recorded with its error, and the others still run.
 from __future__ import annotations
 
 import argparse
+import difflib
 import itertools
 import json
+import re
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -63,11 +65,38 @@ class SweepSpec:
             notebook = path.parent / notebook  # relative to the sweep file
         if not notebook.is_file():
             raise FileNotFoundError(f"{path}: notebook {raw['notebook']} not found")
+        check_names(path, notebook, [*raw.get("parameters", {}), *raw["grid"]])
         return cls(**{**raw, "notebook": str(notebook)})
 
     def points(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
         return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+
+def notebook_names(notebook: str | Path) -> set[str] | None:
+    """The parameters a notebook reads: its parameters cell, and the flat names of the config it builds with
+    `from_notebook(<Config>, globals(), ...)`; None when it builds none (then any name may be meant)."""
+    from mainlib.config import CONFIGS
+    from mainlib.parameters import flat_parameters
+
+    cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    built = re.search(r"from_notebook\(\s*(\w+)", code)
+    classes = {cls.__name__: cls for cls in CONFIGS.values()}
+    if not built or built.group(1) not in classes:
+        return None
+    cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = set(re.findall(r"^(\w+)\s*=", "".join(cell["source"]), re.MULTILINE))
+    return assigned | set(flat_parameters(classes[built.group(1)])) | {"recipe"}
+
+
+def check_names(path: Path, notebook: Path, names: Sequence[str]) -> None:
+    """A sweep name the notebook does not read would run every point with the default: fail before any runs."""
+    known = notebook_names(notebook)
+    unknown = sorted(set(names) - known) if known is not None else []
+    if unknown:
+        hints = [f"{n} (did you mean {', '.join(difflib.get_close_matches(n, sorted(known), n=2))}?)" for n in unknown]
+        raise ValueError(f"{path}: {notebook.name} has no parameter(s) {'; '.join(hints)}")
 
 
 def lookup(record: Mapping[str, Any], dotted: str) -> Any:

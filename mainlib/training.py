@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer_utils import SchedulerType
+
+SCHEDULERS = tuple(s.value for s in SchedulerType)  # the `scheduler` values both trainers accept
 
 
 def run_arguments(output_dir: str | Path, seed: int) -> dict[str, Any]:

@@ -62,6 +62,8 @@ def tiny_params(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> dict:
         learning_rate=0.02,
         epochs=8.0,
         batch_size=4,
+        round_batch_size=4,
+        final_batch_size=4,
         round_learning_rate=1e-4,
         round_max_new_tokens=160,
         synthesis_max_new_tokens=160,

@@ -112,7 +112,7 @@ def test_apply_corruption() -> None:
 def test_bad_settings() -> None:
     with pytest.raises(ValueError, match="must be 1"):
         plan_corruption(4, CorruptionSettings(p_drop=0.5, p_substitute=0.5, p_negate=0.5), random.Random(0))
-    with pytest.raises(ValueError, match="drop_ratio must be in"):
+    with pytest.raises(ValueError, match=r"parameter drop_ratio: got 0\.0; allowed: \(0, 1\]"):
         plan_corruption(4, CorruptionSettings(drop_ratio=0.0), random.Random(0))
     with pytest.raises(ValueError, match="at least 2 constraints"):
         plan_corruption(1, CorruptionSettings(), random.Random(0))

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from mainlib.config import ConfigError, MuscConfig, build
 from mainlib.data import load_jsonl
-from mainlib.musc.pipeline import MuscConfig, run_musc
+from mainlib.musc.pipeline import run_musc
 
 
 def tiny_config(tiny_model_dir: Path, tmp_path: Path, **overrides) -> MuscConfig:
@@ -26,7 +27,7 @@ def tiny_config(tiny_model_dir: Path, tmp_path: Path, **overrides) -> MuscConfig
         learning_rate=1e-3,
         max_length=256,
     )
-    return MuscConfig.from_params(**{**params, **overrides})
+    return build(MuscConfig, "quickstart", **{**params, **overrides})  # the demo's LoRA and DPO settings
 
 
 @pytest.mark.slow
@@ -59,9 +60,9 @@ def test_self_generated_instructions(tiny_model_dir: Path, tmp_path: Path) -> No
 
 
 def test_parameters_are_checked() -> None:
-    with pytest.raises(TypeError, match="unknown parameter"):
-        MuscConfig.from_params(betaa=0.1)
-    config = MuscConfig.from_params(beta=0.2, drop_ratio=0.5, weight_mode="pmi", seed=3)
+    with pytest.raises(ConfigError, match=r"parameter betaa: got 0\.1; allowed: no such parameter; did you mean beta"):
+        build(MuscConfig, "quickstart", betaa=0.1)
+    config = build(MuscConfig, "quickstart", beta=0.2, drop_ratio=0.5, weight_mode="pmi", seed=3)
     assert (config.dpo.beta, config.coarse.corruption.drop_ratio, config.weights.mode) == (0.2, 0.5, "pmi")
     assert config.coarse.respond.seed == config.dpo.seed == 3
     with pytest.raises(ValueError, match="until must be one of"):

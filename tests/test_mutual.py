@@ -76,7 +76,11 @@ def test_select_by_threshold_and_bad_input() -> None:
 
 
 def test_settings_errors_say_what_to_change() -> None:
-    with pytest.raises(ValueError, match="filter_method must be one of mutual, forward, reverse, humpback, none"):
+    with pytest.raises(
+        ValueError,
+        match=r"parameter filter_method: got 'best'; allowed: 'mutual' \| 'forward' \| 'reverse' \| 'humpback' \| "
+        r"'none'",
+    ):
         MainSettings(filter_method="best").validate()  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"use 1.0 to keep all"):
         MainSettings(top_fraction=2.0).validate()

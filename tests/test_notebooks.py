@@ -159,18 +159,16 @@ def test_notebooks_04_then_05_then_06(tiny_model_dir: Path, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_quickstart_runs_01_to_06(tiny_params: dict, tiny_model_dir: Path, tmp_path: Path) -> None:
     main_overrides = {k: v for k, v in tiny_params.items() if k not in ("run_name", "model", "runs_dir", "results_dir")}
-    n_seed, n_pool = main_overrides.pop("n_seed"), main_overrides.pop("n_pool")
     executed = run_notebook(
         "00_quickstart.ipynb",
         tmp_path,
         run_name="qs",
         model=str(tiny_model_dir),
         quantization="none",
-        n_seed=n_seed,
-        n_pool=n_pool,
         main_overrides=main_overrides,
-        musc_n=4,
-        musc_overrides=dict(decompose="given", recombine="template", response_max_new_tokens=16, drop_unfinished=False),
+        musc_overrides=dict(
+            n=4, decompose="given", recombine="template", response_max_new_tokens=16, drop_unfinished=False
+        ),
         eval_limit=2,
         eval_max_gen_toks=8,
         eval_batch_size=2,

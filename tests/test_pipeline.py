@@ -11,7 +11,7 @@ from mainlib.generate import GenerationSettings
 from mainlib.models import LoraSettings
 from mainlib.mutual import MainSettings
 from mainlib.pipeline import PipelineConfig, run_main
-from mainlib.sft import SFTSettings
+from mainlib.sft import SFTHyperparameters
 from mainlib.stages import RunMismatchError
 
 
@@ -27,8 +27,9 @@ def config(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> PipelineCon
         n_pool=None,
         max_length=160,
         lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-        sft=SFTSettings(learning_rate=2e-2, epochs=8, batch_size=4, warmup=0, scheduler="constant"),
-        round_sft=SFTSettings(learning_rate=1e-4, epochs=1, batch_size=4),
+        sft=SFTHyperparameters(learning_rate=2e-2, epochs=8, batch_size=4, warmup=0, scheduler="constant"),
+        round_sft=SFTHyperparameters(learning_rate=1e-4, epochs=1, batch_size=4),
+        final_sft=SFTHyperparameters(learning_rate=1e-3, epochs=1),  # the demo's, not the spec's 1e-5 x 32
         main=MainSettings(rounds=1, top_fraction=0.5),
         round_generation=GenerationSettings(max_new_tokens=160),
         synthesis=GenerationSettings(max_new_tokens=160),
@@ -82,9 +83,11 @@ def test_bad_input_is_one_clear_error(config: PipelineConfig, tmp_path: Path) ->
     blank.write_text('{"response": "  "}\n{"response": ""}\n')
     with pytest.raises(ValueError, match=r"no response survives cleaning .*'empty_response': 2"):
         run_main(PipelineConfig(**{**config.__dict__, "pool_data": str(blank)}))
-    with pytest.raises(ValueError, match=r"top_fraction must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"parameter top_fraction \(main\.top_fraction\): got 0\.0; allowed: \(0, 1\]"):
         run_main(PipelineConfig(**{**config.__dict__, "main": MainSettings(top_fraction=0.0)}))
-    with pytest.raises(ValueError, match="filter_method must be one of"):
+    with pytest.raises(
+        ValueError, match=r"parameter filter_method \(main\.filter_method\): got 'magic'; allowed: 'mutual' \|"
+    ):
         run_main(PipelineConfig(**{**config.__dict__, "main": MainSettings(filter_method="magic")}))
     with pytest.raises(ValueError, match="until must be one of"):
         run_main(config, until="everything")

@@ -24,6 +24,10 @@ def test_lookup_and_spec_errors(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"name": "x", "notebook": "nope.ipynb", "result": "r", "grid": {"a": []}}))
     with pytest.raises(ValueError, match=r"grid\.a must be a non-empty list"):
         SweepSpec.from_file(bad)
+    spec = {"name": "x", "notebook": str(REPO / "notebooks" / "03_mutual_filter.ipynb"), "result": "r"}
+    bad.write_text(yaml.safe_dump({**spec, "parameters": {"n_auc": 4}, "grid": {"top_fractoin": [0.5]}}))
+    with pytest.raises(ValueError, match=r"has no parameter\(s\) top_fractoin \(did you mean top_fraction"):
+        SweepSpec.from_file(bad)  # a misspelled name would otherwise run every point with the default
     shipped = SweepSpec.from_file(REPO / "sweeps" / "alpha_x_filter.yaml")
     assert len(shipped.points()) == 4 and Path(shipped.notebook).is_file()
 

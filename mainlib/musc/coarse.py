@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mainlib.generate import Generation, GenerationSettings, generate
 from mainlib.musc import prompts
+from mainlib.parameters import check
 from mainlib.prompts import build_prompt
 
 CorruptionKind = Literal["drop", "substitute", "negate"]
@@ -94,17 +95,26 @@ def parse_decomposition(text: str) -> Decomposition | None:
 class CorruptionSettings:
     """How a negative instruction is made: which share of constraints to corrupt, and how."""
 
-    drop_ratio: float = field(default=0.3, metadata={"help": "share of constraints to corrupt (at least one)"})
-    p_drop: float = field(default=0.5, metadata={"help": "probability a picked constraint is dropped"})
-    p_substitute: float = field(default=0.25, metadata={"help": "... replaced by a deviating constraint"})
-    p_negate: float = field(default=0.25, metadata={"help": "... negated"})
+    drop_ratio: float = field(
+        default=0.3, metadata={"help": "share of constraints to corrupt (at least one)", "range": "(0, 1]"}
+    )
+    p_drop: float = field(
+        default=0.5, metadata={"help": "probability a picked constraint is dropped", "range": "[0, 1]"}
+    )
+    p_substitute: float = field(
+        default=0.25, metadata={"help": "... replaced by a deviating constraint", "range": "[0, 1]"}
+    )
+    p_negate: float = field(default=0.25, metadata={"help": "... negated", "range": "[0, 1]"})
+
+    def rules(self) -> list[tuple[str, Any, str]]:
+        """(field, value, allowed) for each broken rule between fields."""
+        probabilities = (self.p_drop, self.p_substitute, self.p_negate)
+        if not math.isclose(sum(probabilities), 1.0):
+            return [("p_drop", probabilities, "p_drop + p_substitute + p_negate must be 1")]
+        return []
 
     def validate(self) -> None:
-        if not 0.0 < self.drop_ratio <= 1.0:
-            raise ValueError(f"drop_ratio must be in (0, 1]; got {self.drop_ratio}")
-        probabilities = (self.p_drop, self.p_substitute, self.p_negate)
-        if min(probabilities) < 0 or not math.isclose(sum(probabilities), 1.0):
-            raise ValueError(f"p_drop + p_substitute + p_negate must be 1 with none negative; got {probabilities}")
+        check(self)
 
 
 @dataclass(frozen=True)
@@ -173,15 +183,24 @@ class CoarseSettings:
     recombine: Literal["model", "template"] = field(
         default="model", metadata={"help": "model: the policy rewrites; template: a fixed layout (an ablation)"}
     )
-    min_constraints: int = field(default=2, metadata={"help": "drop instructions with fewer constraints"})
-    corruption: CorruptionSettings = field(default_factory=CorruptionSettings)
+    min_constraints: int = field(
+        default=2,
+        metadata={
+            "help": "drop instructions with fewer constraints (one to keep, one to corrupt)",
+            "range": "[2, inf)",
+        },
+    )
+    corruption: CorruptionSettings = field(
+        default_factory=CorruptionSettings,
+        metadata={"help": "which constraints are corrupted, and how", "prefix": ""},
+    )
     helper: GenerationSettings = field(
         default_factory=lambda: GenerationSettings(max_new_tokens=160, temperature=0.1, top_p=0.9),
         metadata={"help": "decompose / rewrite / recombine sampling (low temperature)"},
     )
     respond: GenerationSettings = field(
         default_factory=lambda: GenerationSettings(max_new_tokens=256, temperature=0.5, top_p=0.9),
-        metadata={"help": "y_w and y_l sampling"},
+        metadata={"help": "y_w and y_l sampling", "prefix": "response_"},
     )
     self_instruct: GenerationSettings = field(
         default_factory=lambda: GenerationSettings(max_new_tokens=128, temperature=1.0, top_p=0.95),
@@ -190,18 +209,10 @@ class CoarseSettings:
     drop_unfinished: bool = field(
         default=True, metadata={"help": "drop a pair whose y_w or y_l hit max_new_tokens (no EOS)"}
     )
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "corruption plans: each instruction's is seeded by (seed, id)"})
 
     def validate(self) -> None:
-        self.corruption.validate()
-        if self.decompose not in ("model", "given"):
-            raise ValueError(f"decompose must be 'model' or 'given'; got {self.decompose!r}")
-        if self.recombine not in ("model", "template"):
-            raise ValueError(f"recombine must be 'model' or 'template'; got {self.recombine!r}")
-        if self.min_constraints < 2:
-            raise ValueError(
-                f"min_constraints must be at least 2 (one to keep, one to corrupt); got {self.min_constraints}"
-            )
+        check(self)
 
 
 def _tally(counts: dict[str, int], reason: str) -> None:

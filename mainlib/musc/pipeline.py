@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mainlib import data, parameters
+from mainlib import data
+from mainlib.config import SELF_INSTRUCT, MuscConfig, validate
 from mainlib.models import (
-    LoraSettings,
-    Quantization,
     load_adapter,
     load_model,
     load_tokenizer,
@@ -27,82 +26,16 @@ from mainlib.models import (
     prepare_for_lora,
     save_adapter,
 )
-from mainlib.musc.coarse import CoarseSettings, contrast, decompose, respond, self_instruct, writer
-from mainlib.musc.tdpo import DPOResult, DPOSettings, train_tdpo
-from mainlib.musc.tokens import TokenWeightSettings, token_weights
-from mainlib.parameters import apply_parameters
+from mainlib.musc.coarse import contrast, decompose, respond, self_instruct, writer
+from mainlib.musc.tdpo import DPOResult, train_tdpo
+from mainlib.musc.tokens import token_weights
 from mainlib.results import write_json, write_jsonl
 from mainlib.stages import Run
 
 STAGES = ("instructions", "decompose", "contrast", "respond", "token_weights", "tdpo")
-SELF_INSTRUCT = "self"
 
 
-@dataclass
-class MuscConfig:
-    """Everything one MuSC run depends on. Notebook 04's parameters cell fills it (`from_params`)."""
-
-    run_name: str = "musc"
-    runs_dir: str = "runs"
-    model: str = "smollm2-135m-instruct"
-    adapter: str | None = None  # a mainlib adapter directory to start from; None = the base model
-    quantization: Quantization = "auto"
-    instructions: str = "bundled:complex_instructions"  # or a JSONL file, or "self" (the policy writes them)
-    n: int | None = 24
-    self_instruct_constraints: int = 5
-    seed: int = 0
-    coarse: CoarseSettings = field(default_factory=CoarseSettings)
-    weights: TokenWeightSettings = field(default_factory=TokenWeightSettings)
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
-    dpo: DPOSettings = field(default_factory=DPOSettings)
-
-    @classmethod
-    def from_params(cls, **params: Any) -> MuscConfig:
-        """Build the config from flat notebook parameters (see FLAT_PARAMETERS)."""
-        config = cls()
-        apply_parameters(config, params, FLAT_PARAMETERS)
-        config.coarse.seed = config.dpo.seed = config.seed
-        for generation in (config.coarse.helper, config.coarse.respond, config.coarse.self_instruct):
-            generation.seed = config.seed
-        return config
-
-    def identity(self) -> dict[str, Any]:
-        return {"model": self.model, "adapter": self.adapter, "instructions": self.instructions}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# flat notebook parameter -> attribute path in MuscConfig
-FLAT_PARAMETERS: dict[str, tuple[str, ...]] = {
-    **{k: (k,) for k in ("run_name", "runs_dir", "model", "adapter", "quantization", "instructions", "n", "seed")},
-    "self_instruct_constraints": ("self_instruct_constraints",),
-    "decompose": ("coarse", "decompose"),
-    "recombine": ("coarse", "recombine"),
-    "min_constraints": ("coarse", "min_constraints"),
-    "drop_unfinished": ("coarse", "drop_unfinished"),
-    "drop_ratio": ("coarse", "corruption", "drop_ratio"),
-    "p_drop": ("coarse", "corruption", "p_drop"),
-    "p_substitute": ("coarse", "corruption", "p_substitute"),
-    "p_negate": ("coarse", "corruption", "p_negate"),
-    "helper_max_new_tokens": ("coarse", "helper", "max_new_tokens"),
-    "response_max_new_tokens": ("coarse", "respond", "max_new_tokens"),
-    "response_temperature": ("coarse", "respond", "temperature"),
-    "weight_mode": ("weights", "mode"),
-    "w_max": ("weights", "w_max"),
-    "lora_r": ("lora", "r"),
-    "lora_alpha": ("lora", "alpha"),
-    "beta": ("dpo", "beta"),
-    "learning_rate": ("dpo", "learning_rate"),
-    "epochs": ("dpo", "epochs"),
-    "batch_size": ("dpo", "batch_size"),
-    "max_length": ("dpo", "max_length"),
-}
-
-
-def pick_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
-    """The MuSC parameters among a notebook's variables (`pick_parameters(globals())`)."""
-    return parameters.pick_parameters(namespace, FLAT_PARAMETERS)
+__all__ = ["STAGES", "MuscConfig", "MuscState", "load_instructions", "run_musc"]  # MuscConfig: see mainlib.config
 
 
 def load_instructions(spec: str) -> list[dict[str, Any]]:
@@ -160,7 +93,7 @@ def run_musc(config: MuscConfig, until: str = "tdpo", force: bool = False) -> Mu
     """Run (or resume) the MuSC stages up to and including `until`."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {', '.join(STAGES)}; got {until!r}")
-    config.coarse.validate()
+    validate(config)  # everything checkable without a model, before the first stage
     last = STAGES.index(until)
     tokenizer = load_tokenizer(config.adapter or config.model)
     run = Run(Path(config.runs_dir) / config.run_name / "musc", config.identity(), force=force)

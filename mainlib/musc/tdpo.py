@@ -37,22 +37,35 @@ from trl.trainer.utils import pad
 
 from mainlib.adapters import ModelBank
 from mainlib.prompts import encode
-from mainlib.training import run_arguments, train
+from mainlib.training import SCHEDULERS, run_arguments, train
 
 
 @dataclass
 class DPOSettings:
     """Token-weighted DPO hyperparameters. Defaults: the MuSC public config (ALGORITHMS.md §2)."""
 
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature β"})
-    learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate"})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the preference pairs"})
-    batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    scheduler: str = field(default="cosine", metadata={"help": "transformers learning-rate schedule"})
-    warmup: float = field(default=0.1, metadata={"help": "warm-up: a share of the steps (< 1) or a step count"})
-    max_length: int = field(default=2048, metadata={"help": "prompt + response tokens; responses are cut at the end"})
-    logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps"})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature β", "range": "(0, inf)"})
+    learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate", "range": "(0, inf)"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the preference pairs", "range": "(0, inf)"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch", "range": "[1, inf)"})
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches per optimizer step (effective batch = batch_size x this)",
+            "range": "[1, inf)",
+        },
+    )
+    scheduler: str = field(
+        default="cosine", metadata={"help": "transformers learning-rate schedule", "choices": SCHEDULERS}
+    )
+    warmup: float = field(
+        default=0.1, metadata={"help": "warm-up: a share of the steps (< 1) or a step count", "range": "[0, inf)"}
+    )
+    max_length: int = field(
+        default=2048,
+        metadata={"help": "prompt + response tokens; responses are cut at the end", "range": "[1, inf)"},
+    )
+    logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps", "range": "[1, inf)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
     seed: int = field(default=0, metadata={"help": "data order and initialisation seed"})
 

@@ -35,9 +35,16 @@ WEIGHT_MODES = ("none", "kl", "reverse_kl", "bikl", "pmi")
 
 @dataclass
 class TokenWeightSettings:
-    mode: WeightMode = field(default="kl", metadata={"help": "none | kl | reverse_kl | bikl | pmi"})
-    w_max: float = field(default=2.0, metadata={"help": "upper clip of a token weight"})
-    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    """How much each response token counts in the DPO loss (ALGORITHMS.md §2, fine granularity)."""
+
+    mode: WeightMode = field(
+        default="kl",
+        metadata={"help": "none (plain DPO) | kl | reverse_kl | bikl | pmi", "name": "weight_mode"},
+    )
+    w_max: float = field(default=2.0, metadata={"help": "upper clip of a token weight", "range": "(0, inf)"})
+    scoring: ScoringSettings = field(
+        default_factory=ScoringSettings, metadata={"help": "batching of the reference model's forward passes"}
+    )
 
 
 @dataclass(frozen=True)
