@@ -27,6 +27,7 @@ import copy
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ class ModelBank:
         self._peft: PeftModel | None = None
         self._adapters: dict[str, str] = {}  # name -> the adapter's name inside peft (`peft_name`)
         self._frozen: set[str] = set()  # adapters loaded for inference only (and copies): never trained
+        self._sources: dict[str, Path] = {}  # name -> the folder its weights equal (loaded from or saved to)
 
     # ----------------------------------------------------------------------------------------------
     # What the bank holds
@@ -170,9 +172,23 @@ class ModelBank:
             else:
                 self._peft.load_adapter(str(adapter_dir), adapter_name=peft_name, is_trainable=trainable)
         self._adapters[name] = peft_name
+        self._sources[name] = Path(adapter_dir).resolve()
         if not trainable:
             self._frozen.add(name)
         return config
+
+    def ensure(self, name: str, adapter_dir: str | Path, trainable: bool = False) -> str:
+        """Adapter `name` as saved in `adapter_dir`: kept when the bank already holds exactly those weights (loaded
+        from or saved to that folder, trainable if asked), else (re)loaded. Returns `name`.
+
+        Stages call this instead of `load`, so consecutive stages reuse an adapter the previous one left in memory."""
+        wanted = Path(adapter_dir).resolve()
+        if name in self._adapters:
+            if self._sources.get(name) == wanted and (name not in self._frozen or not trainable):
+                return name
+            self.drop(name)
+        self.load(name, adapter_dir, trainable)
+        return name
 
     def copy(self, source: str, name: str) -> None:
         """A frozen copy of adapter `source` named `name` (e.g. a DPO reference): same shape, weights and dtype.
@@ -208,7 +224,9 @@ class ModelBank:
         if "base_model" in config and not same_model(str(config["base_model"]), self.base_model):
             raise ValueError(f"config says base model {config['base_model']!r}; this bank holds {self.base_model!r}")
         saved = {"base_model": self.base_model, "quantization": self.quantization, **config}
-        return models.save_adapter(peft_model, tokenizer, out_dir, saved, adapter_name=peft_name)
+        path = models.save_adapter(peft_model, tokenizer, out_dir, saved, adapter_name=peft_name)
+        self._sources[name] = Path(out_dir).resolve()  # what is in memory is what that folder holds now
+        return path
 
     def drop(self, name: str) -> None:
         """Delete adapter `name` and free its memory; when the last one goes, the plain prepared base stays."""
@@ -220,6 +238,7 @@ class ModelBank:
             peft_model.delete_adapter(peft_name)
         del self._adapters[name]
         self._frozen.discard(name)
+        self._sources.pop(name, None)
         if not peft_model.peft_config:  # peft cannot add to a PeftModel with no adapter: unwrap the base
             self._base, self._peft = peft_model.unload(), None
         free_memory()
@@ -254,6 +273,7 @@ class ModelBank:
         if name in self._frozen:
             raise ValueError(f"adapter {name!r} was loaded for inference; load it with trainable=True to train it")
         dropouts = {m: m.p for m in peft_model.modules() if isinstance(m, torch.nn.Dropout)}
+        self._sources.pop(name, None)  # its weights are about to change: no folder holds them until `save`
         with self._restoring():
             peft_model.set_adapter(peft_name)
             peft_model.requires_grad_(False)
@@ -287,3 +307,11 @@ class ModelBank:
         finally:
             for p in self.model.parameters():
                 p.requires_grad_(before.get(p, False))
+
+
+@dataclass
+class Shared:
+    """What a pipeline's stages share (`StageContext.shared`): the tokenizer and one bank of named adapters."""
+
+    tokenizer: PreTrainedTokenizerBase
+    bank: ModelBank

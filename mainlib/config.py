@@ -81,6 +81,18 @@ def reference_sft() -> SFTHyperparameters:
     return SFTHyperparameters(learning_rate=1e-5, batch_size=8, grad_accum=4)
 
 
+def shard_size_field() -> Any:
+    """The `shard_size` option both pipelines have: rows per shard of their data stages (`mainlib.shards`)."""
+    return field(
+        default=256,
+        metadata={
+            "help": "rows per shard of the data stages (each written atomically; a killed stage resumes at the "
+            "first missing shard)",
+            "range": "[1, inf)",
+        },
+    )
+
+
 @dataclass
 class MainConfig:
     """Everything one MAIN run depends on (ALGORITHMS.md §1, §3). Notebooks 01-03 build it."""
@@ -146,6 +158,7 @@ class MainConfig:
         metadata={"help": "Humpback's 5-point rating by the seed model (greedy)"},
     )
     scoring: ScoringSettings = field(default_factory=ScoringSettings, metadata={"help": "batching of s_f and s_r"})
+    shard_size: int = shard_size_field()
 
     def identity(self) -> dict[str, Any]:
         """What a run directory is tied to: another model or data needs another run_name."""
@@ -189,6 +202,7 @@ class MuscConfig:
         default=5, metadata={"help": "'self': a task with more than N constraints", "range": "[1, inf)"}
     )
     seed: int = field(default=0, metadata={"help": "the run's one seed: sampling, corruption, generation, DPO"})
+    shard_size: int = shard_size_field()
     coarse: CoarseSettings = field(
         default_factory=CoarseSettings,
         metadata={

@@ -250,3 +250,27 @@ def test_peak_memory_reports_the_cpu_peak() -> None:
     peak = peak_memory()
     assert peak["cpu_peak_rss_mib"] > 10
     assert ("cuda_max_allocated_mib" in peak) == torch.cuda.is_available()
+
+
+def test_ensure_reuses_what_the_bank_holds_and_reloads_otherwise(
+    tiny_model_dir: Path, tiny_tokenizer, tmp_path
+) -> None:
+    bank = ModelBank(str(tiny_model_dir), "none")
+    bank.add("forward", LORA, seed=0)
+    perturb(bank, "forward", seed=1)
+    bank.save("forward", tmp_path / "a", tiny_tokenizer, {})
+    held = bank.weights("forward")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert bank.ensure("forward", tmp_path / "a") == "forward"  # saved there: kept, not reloaded
+    assert bank.weights("forward")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] is held
+    perturb(bank, "forward", seed=2)
+    bank.save("forward", tmp_path / "b", tiny_tokenizer, {})
+    before = {k: v.detach().clone() for k, v in bank.weights("forward").items()}
+    bank.ensure("forward", tmp_path / "a")  # another folder: reloaded from it (frozen)
+    after = bank.weights("forward")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="loaded for inference"):
+        with bank.train("forward"):
+            pass
+    bank.ensure("forward", tmp_path / "a", trainable=True)  # same folder, but asked trainable: reloaded so
+    with bank.train("forward") as model:
+        assert any(p.requires_grad for p in model.parameters())
