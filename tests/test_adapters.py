@@ -268,9 +268,8 @@ def test_ensure_reuses_what_the_bank_holds_and_reloads_otherwise(
     bank.ensure("forward", tmp_path / "a")  # another folder: reloaded from it (frozen)
     after = bank.weights("forward")
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(ValueError, match="loaded for inference"):
-        with bank.train("forward"):
-            pass
+    with pytest.raises(ValueError, match="loaded for inference"), bank.train("forward"):
+        pass
     bank.ensure("forward", tmp_path / "a", trainable=True)  # same folder, but asked trainable: reloaded so
     with bank.train("forward") as model:
         assert any(p.requires_grad for p in model.parameters())
