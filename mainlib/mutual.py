@@ -5,8 +5,8 @@ Read top to bottom:
 2. `round_update`: one EM round: the reverse model writes instructions for the seed responses and the
    forward model trains on seed + those (weight α_k); then the forward model writes responses for the seed
    instructions and the reverse model trains on seed + those.
-3. `synthesize`: the reverse model writes an instruction for every pool response; empty, truncated and
-   duplicate instructions are dropped, each with its reason.
+3. `synthesis_row` / `mark_duplicates`: what the reverse model wrote for each pool response; empty, truncated
+   and duplicate instructions are dropped, each with its reason (the pipeline's synthesize stage streams them).
 4. `score_pool` and `filter_scores`: s_f, s_r (plain or PMI-normalised), combined as λ·z(s_f) + (1−λ)·z(s_r).
 5. `select`: the top `ceil(top_fraction · n)` pairs, or those above `threshold`.
 6. `humpback_ratings`: the seed model rates each pair 1–5 (the baseline filter).
@@ -15,20 +15,24 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from mainlib.adapters import ModelBank
 from mainlib.data import Pair, normalize_text
 from mainlib.generate import Generation, GenerationSettings, complete_pairs, generate
 from mainlib.parameters import check
+from mainlib.prompts import build_prompt
 from mainlib.scoring import ScoringSettings, score_pairs
 from mainlib.sft import SFTResult, SFTSettings, train_sft, weight_pairs
 
@@ -138,8 +142,7 @@ class RoundResult:
 def round_update(
     k: int,
     alpha: float,
-    forward_model,
-    reverse_model,
+    bank: ModelBank,
     tokenizer: PreTrainedTokenizerBase,
     seed: Sequence[Pair],
     sft: SFTSettings,
@@ -147,31 +150,31 @@ def round_update(
     out_dir: str | Path,
     main: MainSettings,
 ) -> RoundResult:
-    """Round k, in place: forward update with x̂ = p_r(y), then reverse update with ŷ = p_f(x) (§1 Step 1)."""
+    """Round k, in place on the bank's "forward" and "reverse" adapters (§1 Step 1): the forward update with
+    x̂ = p_r(y), then the reverse update with ŷ = p_f(x) written by the forward model just updated."""
     out_dir = Path(out_dir)
-    sampling = GenerationSettings(**{**asdict(generation), "seed": generation.seed + 1000 * k})
-    # Forward update: the reverse model writes instructions for the seed responses.
-    written = complete_pairs(reverse_model, tokenizer, "reverse", seed, sampling)
-    x_hat = [Pair(g.text, p.response, "round_synthetic") for p, g in zip(seed, written, strict=True) if _usable(g)]
-    forward_settings = SFTSettings(
-        **{
-            **sft.to_dict(),
-            "direction": "forward",
-            "system_seed": main.system_seed,
-            "system_synthetic": main.system_synthetic,
-        }
-    )
-    forward = train_sft(
-        forward_model, tokenizer, weight_pairs(seed, x_hat, alpha), forward_settings, out_dir / "forward_trainer"
-    )
-    # Reverse update: the updated forward model writes responses for the seed instructions.
-    answered = complete_pairs(forward_model, tokenizer, "forward", seed, sampling)
-    y_hat = [Pair(p.instruction, g.text, "round_synthetic") for p, g in zip(seed, answered, strict=True) if _usable(g)]
-    reverse_settings = SFTSettings(**{**forward_settings.to_dict(), "direction": "reverse"})
-    reverse = train_sft(
-        reverse_model, tokenizer, weight_pairs(seed, y_hat, alpha), reverse_settings, out_dir / "reverse_trainer"
-    )
-    return RoundResult(k, alpha, forward, reverse, len(x_hat), len(y_hat))
+    sampling = dataclasses.replace(generation, seed=generation.seed + 1000 * k)
+    results, written = {}, {}
+    for learner, writer in (("forward", "reverse"), ("reverse", "forward")):
+        # the other model writes the side this one learns to predict: instructions for forward, responses for reverse
+        with bank.use(writer) as model:
+            generations = complete_pairs(model, tokenizer, writer, seed, sampling, main.system_seed)
+        synthetic = [
+            Pair(g.text, p.response, "round_synthetic")
+            if writer == "reverse"
+            else Pair(p.instruction, g.text, "round_synthetic")
+            for p, g in zip(seed, generations, strict=True)
+            if _usable(g)
+        ]
+        settings = dataclasses.replace(
+            sft, direction=learner, system_seed=main.system_seed, system_synthetic=main.system_synthetic
+        )
+        with bank.train(learner) as model:
+            results[learner] = train_sft(
+                model, tokenizer, weight_pairs(seed, synthetic, alpha), settings, out_dir / f"{learner}_trainer"
+            )
+        written[learner] = len(synthetic)
+    return RoundResult(k, alpha, results["forward"], results["reverse"], written["forward"], written["reverse"])
 
 
 def _usable(generation: Generation) -> bool:
@@ -193,45 +196,46 @@ class Synthesis:
         return {"pairs": [p.to_dict() for p in self.pairs], "rows": self.rows, "dropped": self.dropped}
 
 
+def synthesis_row(item: Pair, generation: Generation) -> dict[str, Any]:
+    """What happened to one pool response: the instruction written for it, why generation stopped, and whether
+    it is unusable ("empty", "truncated": hit max_new_tokens). Duplicates are marked later, over the whole pool."""
+    instruction = normalize_text(generation.text)
+    reason = "empty" if not instruction else "truncated" if generation.finish_reason == "length" else None
+    return {
+        "response": item.response,
+        "instruction": instruction,
+        "finish_reason": generation.finish_reason,
+        "source": item.source,
+        "dropped": reason,
+    }
+
+
+def mark_duplicates(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows again, a usable instruction already written for an earlier response marked "duplicate".
+
+    Only a 16-byte hash per kept instruction is held, so a 500k pool costs 8 MB here, not its text."""
+    seen: set[bytes] = set()
+    for row in rows:
+        if row["dropped"] is None:
+            key = re.sub(r"\s+", " ", row["instruction"]).casefold()
+            digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:
+                row = {**row, "dropped": "duplicate"}
+            seen.add(digest)
+        yield row
+
+
+def synthesis_pair(row: dict[str, Any]) -> Pair:
+    """The synthetic pair of a kept synthesis row."""
+    return Pair(row["instruction"], row["response"], row["source"] or "synthetic")
+
+
 def clean_synthesis(pool: Sequence[Pair], generations: Sequence[Generation]) -> Synthesis:
     """Keep an instruction unless it is empty, truncated (hit max_new_tokens) or a duplicate of an earlier one."""
-    seen: set[str] = set()
-    pairs, rows = [], []
-    dropped: Counter[str] = Counter()
-    for item, gen in zip(pool, generations, strict=True):
-        instruction = normalize_text(gen.text)
-        key = re.sub(r"\s+", " ", instruction).casefold()
-        reason = None
-        if not instruction:
-            reason = "empty"
-        elif gen.finish_reason == "length":
-            reason = "truncated"
-        elif key in seen:
-            reason = "duplicate"
-        rows.append(
-            {
-                "response": item.response,
-                "instruction": instruction,
-                "finish_reason": gen.finish_reason,
-                "source": item.source,
-                "dropped": reason,
-            }
-        )
-        if reason:
-            dropped[reason] += 1
-            continue
-        seen.add(key)
-        pairs.append(Pair(instruction, item.response, item.source or "synthetic"))
+    rows = list(mark_duplicates(synthesis_row(p, g) for p, g in zip(pool, generations, strict=True)))
+    dropped = Counter(r["dropped"] for r in rows if r["dropped"])
+    pairs = [synthesis_pair(r) for r in rows if not r["dropped"]]
     return Synthesis(pairs, rows, {r: dropped.get(r, 0) for r in SYNTHESIS_DROP_REASONS})
-
-
-def synthesize(
-    reverse_model, tokenizer: PreTrainedTokenizerBase, pool: Sequence[Pair], generation: GenerationSettings
-) -> Synthesis:
-    """The reverse model writes an instruction for every pool response (§1 Step 2)."""
-    if not pool:
-        raise ValueError("the unlabeled pool is empty: give at least one response to synthesise instructions for")
-    return clean_synthesis(pool, complete_pairs(reverse_model, tokenizer, "reverse", pool, generation))
 
 
 # ---- 4. scores ----------------------------------------------------------------------------------------
@@ -259,26 +263,41 @@ class PoolScores:
     def to_dict(self) -> dict[str, list[float]]:
         return asdict(self)
 
+    def rows(self) -> list[dict[str, float]]:
+        """One row of four floats per pair (the score stage's shard rows)."""
+        return [dict(zip(SCORE_COLUMNS, values, strict=True)) for values in zip(*self.to_dict().values(), strict=True)]
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict[str, float]]) -> PoolScores:
+        """From per-pair score rows, streamed: only these floats are held, never the texts."""
+        columns: dict[str, list[float]] = {name: [] for name in SCORE_COLUMNS}
+        for row in rows:
+            for name, values in columns.items():
+                values.append(row[name])
+        return cls(**columns)
+
+
+SCORE_COLUMNS = ("forward", "reverse", "forward_unconditional", "reverse_unconditional")
+
 
 def score_pool(
-    forward_model,
-    reverse_model,
+    bank: ModelBank,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     scoring: ScoringSettings | None = None,
     system: str | None = None,
+    adapters: tuple[str | None, str | None] = ("forward", "reverse"),
 ) -> PoolScores:
-    """Both models' length-normalised likelihoods of each pair, with and without their condition (§1 Step 3)."""
+    """Both models' length-normalised likelihoods of each pair, with and without their condition (§1 Step 3).
 
-    def means(model, direction, unconditional):
-        return [s.mean for s in score_pairs(model, tokenizer, direction, pairs, scoring, system, unconditional)]
-
-    return PoolScores(
-        forward=means(forward_model, "forward", False),
-        reverse=means(reverse_model, "reverse", False),
-        forward_unconditional=means(forward_model, "forward", True),
-        reverse_unconditional=means(reverse_model, "reverse", True),
-    )
+    `adapters` names the forward and the reverse model in the bank (None: the plain base)."""
+    columns: dict[str, list[float]] = {}
+    for direction, name in zip(("forward", "reverse"), adapters, strict=True):
+        with bank.use(name) as model:
+            for unconditional in (False, True):
+                found = score_pairs(model, tokenizer, direction, pairs, scoring, system, unconditional)
+                columns[direction + ("_unconditional" if unconditional else "")] = [s.mean for s in found]
+    return PoolScores(**columns)
 
 
 def zscore(values: Sequence[float]) -> list[float]:
@@ -346,13 +365,17 @@ def parse_rating(text: str) -> int | None:
 
 
 def humpback_ratings(
-    model, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], generation: GenerationSettings
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    generation: GenerationSettings,
+    system: str | None = None,
 ) -> list[int | None]:
     """The seed-trained model's 1–5 rating of each pair (None where its reply holds no rating)."""
-    from mainlib.prompts import build_prompt
-
     prompts = [
-        build_prompt(tokenizer, "forward", RATING_PROMPT.format(instruction=p.instruction, response=p.response))
+        build_prompt(
+            tokenizer, "forward", RATING_PROMPT.format(instruction=p.instruction, response=p.response), "", system
+        )
         for p in pairs
     ]
     return [parse_rating(g.text) for g in generate(model, tokenizer, prompts, generation, desc="humpback rating")]
@@ -377,17 +400,18 @@ def shuffled_pairs(pairs: Sequence[Pair], seed: int) -> list[Pair]:
 
 
 def ground_truth_auc(
-    forward_model,
-    reverse_model,
+    bank: ModelBank,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     lam: float = 0.5,
     seed: int = 0,
     scoring: ScoringSettings | None = None,
+    adapters: tuple[str | None, str | None] = ("forward", "reverse"),
+    system: str | None = None,
 ) -> dict[str, float]:
     """Pooled ROC-AUC of true vs shuffled pairs for forward, reverse and mutual scores, pmi and none."""
     pooled = list(pairs) + shuffled_pairs(pairs, seed)
-    scores = score_pool(forward_model, reverse_model, tokenizer, pooled, scoring)
+    scores = score_pool(bank, tokenizer, pooled, scoring, system, adapters)
     n = len(pairs)
     result = {}
     for normalization in ("pmi", "none"):

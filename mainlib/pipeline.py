@@ -1,49 +1,300 @@
-"""The MAIN pipeline as resumable stages (ALGORITHMS.md §1, §3):
+"""The MAIN pipeline (ALGORITHMS.md §1, §3), declared as stages over one base model with named adapters:
 
-    init_sft -> round_0 .. round_{K-1} -> synthesize -> score -> select -> final_sft
+    inputs -> init_sft -> round_0 .. round_{K-1} -> synthesize -> score [-> rate] -> select -> final_sft
 
-Each stage lives in `runs/<run_name>/<stage>/` (see `stages.Run`); adapters are saved there and reloaded
-when a later stage needs them, so a notebook can stop after `synthesize` and the next one resumes.
-The final SFT trains a fresh adapter on the base model with seed ∪ selected (weight `final_alpha`), so
-every filter method starts from the same point.
+Each stage is a top-level function `f(ctx) -> counts` below; `main_stages(config)` lists them with the config
+fields each reads and the stages each consumes, and `stages.Run.execute` skips, resumes or reruns them (a
+changed field reruns exactly the stages that read it, and what follows them). All adapters (forward, reverse,
+the seed-only ones Humpback uses, the final one) are named adapters of one loaded base (`adapters.ModelBank`):
+a stage saves what it trains in its own folder, and a later stage loads it by name unless it is still in
+memory. Synthesis, scoring and rating stream their input in shards (`shards.run_sharded`), so a killed stage
+resumes at its first missing shard and memory does not grow with the pool.
+
+To add a stage: write `f(ctx)` and declare it in `main_stages`. A filter method: `mutual.filter_scores`
+(and the `FilterMethod` choices). See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mainlib import data
+from mainlib import data, generate, mutual, prompts, scoring, sft, shards
+from mainlib.adapters import ModelBank, Shared
 from mainlib.config import MainConfig, validate
 from mainlib.data import Pair
-from mainlib.models import load_adapter, load_tokenizer, save_adapter
-from mainlib.mutual import (
-    PoolScores,
-    Synthesis,
-    alpha_schedule,
-    filter_scores,
-    humpback_ratings,
-    round_update,
-    score_pool,
-    select,
-    synthesize,
-)
+from mainlib.models import load_tokenizer
 from mainlib.results import write_json, write_jsonl
-from mainlib.sft import SFTSettings, train_adapter, weight_pairs
-from mainlib.stages import Run, fingerprint
-
-STAGES = ("init_sft", "rounds", "synthesize", "score", "select", "final_sft")
-
+from mainlib.stages import Run, Stage, StageContext, StageResult
 
 PipelineConfig = MainConfig  # defined once, in mainlib.config (flat names, recipes, validation)
 
 
+# -- reading what earlier stages wrote ------------------------------------------------------------------------
+
+
+def read_pairs(path: Path) -> Iterator[Pair]:
+    """The pairs of a JSONL file, streamed."""
+    for _, record in data.jsonl_records(path):
+        yield Pair(**record)
+
+
+def seed_pairs(ctx: StageContext) -> list[Pair]:
+    return list(read_pairs(ctx.inputs["inputs"].dir / "seed.jsonl"))
+
+
+def sft_settings(hyper: sft.SFTHyperparameters, ctx: StageContext, **run_wide: Any) -> sft.SFTSettings:
+    """One SFT's settings: its own hyperparameters plus the run-wide length, seed and seed-data tag."""
+    c = ctx.config
+    return sft.SFTSettings(
+        **hyper.to_dict(), max_length=c.max_length, seed=c.seed, system_seed=c.main.system_seed, **run_wide
+    )
+
+
+def train_adapter(ctx: StageContext, name: str, pairs: list, settings: sft.SFTSettings, saved_as: str) -> dict:
+    """A fresh adapter `name` on the shared base, trained on `pairs` and saved as this stage's `saved_as`."""
+    bank = ctx.shared.bank
+    if name in bank.names:
+        bank.drop(name)
+    bank.add(name, ctx.config.lora, seed=settings.seed)
+    saved = {"lora": dataclasses.asdict(ctx.config.lora)}
+    result = sft.train_bank_adapter(bank, name, ctx.shared.tokenizer, pairs, settings, ctx.dir / saved_as, saved)
+    return result.counts
+
+
+# -- the stages ------------------------------------------------------------------------------------------------
+
+
+def load_inputs(ctx: StageContext) -> dict[str, Any]:
+    """Seed pairs and pool responses, cleaned and sampled; fails clearly when nothing usable is left."""
+    c, tokenizer = ctx.config, ctx.shared.tokenizer
+    seed_all, seed_report = data.clean_pairs(data.load_source(c.seed_data), tokenizer, c.max_length)
+    seed, _ = data.sample_pairs(seed_all, c.n_seed, c.seed)
+    if not seed:
+        raise ValueError(f"{c.seed_data}: no seed pair survives cleaning {seed_report.dropped}")
+    pool_raw = data.load_source(c.pool_data, allow_missing_instruction=True)
+    if not pool_raw:
+        raise ValueError(f"{c.pool_data}: the unlabeled pool is empty; point pool_data at a file of responses")
+    pool_all, pool_report = data.clean_pairs(pool_raw, tokenizer, c.max_length, require_instruction=False)
+    if not pool_all:
+        raise ValueError(
+            f"{c.pool_data}: no response survives cleaning {pool_report.dropped}; "
+            f"raise max_length (now {c.max_length}) or check the file"
+        )
+    pool, _ = data.sample_pairs(pool_all, c.n_pool, c.seed)
+    write_jsonl(ctx.dir / "seed.jsonl", [p.to_dict() for p in seed])
+    write_jsonl(ctx.dir / "pool.jsonl", [p.to_dict() for p in pool])
+    write_json(ctx.dir / "clean.json", {"seed": seed_report.to_dict(), "pool": pool_report.to_dict()})
+    return {"seed": len(seed), "pool": len(pool)}
+
+
+def init_sft(ctx: StageContext) -> dict[str, Any]:
+    """Step 0: forward and reverse adapters trained on the seed set."""
+    seed = seed_pairs(ctx)
+    return {
+        direction: train_adapter(
+            ctx, direction, seed, sft_settings(ctx.config.sft, ctx, direction=direction), direction
+        )
+        for direction in ("forward", "reverse")
+    }
+
+
+def mutual_round(ctx: StageContext) -> dict[str, Any]:
+    """Step 1, round k: both adapters of the previous stage, updated in turn (`mutual.round_update`)."""
+    c, k, bank, tokenizer = ctx.config, ctx.params["k"], ctx.shared.bank, ctx.shared.tokenizer
+    for direction in ("forward", "reverse"):
+        bank.ensure(direction, ctx.inputs[ctx.params["previous"]].dir / direction, trainable=True)
+    alpha = mutual.alpha_schedule(c.main.alpha_schedule, c.main.alpha_start, c.main.alpha_end, c.main.rounds)[k]
+    settings = dataclasses.replace(sft_settings(c.round_sft, ctx), seed=c.seed + k + 1)
+    result = mutual.round_update(
+        k, alpha, bank, tokenizer, seed_pairs(ctx), settings, c.round_generation, ctx.dir, c.main
+    )
+    for direction in ("forward", "reverse"):
+        bank.save(direction, ctx.dir / direction, tokenizer, {"round": k, "lora": dataclasses.asdict(c.lora)})
+    write_json(ctx.dir / "round.json", result.to_dict())
+    return {
+        "alpha": alpha,
+        "synthetic_instructions": result.synthetic_instructions,
+        "synthetic_responses": result.synthetic_responses,
+    }
+
+
+def synthesize(ctx: StageContext) -> dict[str, Any]:
+    """Step 2: the reverse adapter writes an instruction for every pool response, shard by shard; then one
+    streamed pass marks duplicates over the whole pool and writes the kept pairs."""
+    c, tokenizer, bank = ctx.config, ctx.shared.tokenizer, ctx.shared.bank
+    name = bank.ensure(ctx.params["adapter"], ctx.inputs[ctx.params["reverse_from"]].dir / "reverse")
+
+    def work(pool: list[Pair], index: int) -> list[dict[str, Any]]:
+        settings = dataclasses.replace(c.synthesis, seed=shards.shard_seed(c.synthesis.seed, index))
+        with bank.use(name) as model:
+            written = generate.complete_pairs(model, tokenizer, "reverse", pool, settings, c.main.system_seed)
+        return [mutual.synthesis_row(p, g) for p, g in zip(pool, written, strict=True)]
+
+    pool = read_pairs(ctx.inputs["inputs"].dir / "pool.jsonl")
+    summary = shards.run_sharded(ctx.dir, pool, c.shard_size, work, fingerprint=ctx.fingerprint, desc="synthesize")
+    write_jsonl(ctx.dir / "rows.jsonl", mutual.mark_duplicates(shards.iter_rows(ctx.dir)))
+    kept = (
+        mutual.synthesis_pair(r).to_dict() for _, r in data.jsonl_records(ctx.dir / "rows.jsonl") if not r["dropped"]
+    )
+    write_jsonl(ctx.dir / "synthetic.jsonl", kept)
+    found = Counter(row["dropped"] for _, row in data.jsonl_records(ctx.dir / "rows.jsonl") if row["dropped"])
+    dropped = {reason: found.get(reason, 0) for reason in mutual.SYNTHESIS_DROP_REASONS}
+    n_kept = summary.rows_out - sum(dropped.values())
+    if not n_kept:
+        raise ValueError(f"synthesis kept no pair ({dropped}); raise synthesis.max_new_tokens")
+    return {"pool": summary.rows_out, "kept": n_kept, "dropped": dropped}
+
+
+def score(ctx: StageContext) -> dict[str, Any]:
+    """Step 3: both aligned adapters' likelihoods of every synthetic pair, conditional and unconditional."""
+    c, tokenizer, bank = ctx.config, ctx.shared.tokenizer, ctx.shared.bank
+    aligned = ctx.inputs[ctx.params["aligned"]].dir  # p_f^K and p_r^K: a round leaves them in memory
+    names = (bank.ensure("forward", aligned / "forward"), bank.ensure("reverse", aligned / "reverse"))
+
+    def work(pairs: list[Pair], index: int) -> list[dict[str, float]]:
+        return mutual.score_pool(bank, tokenizer, pairs, c.scoring, c.main.system_seed, names).rows()
+
+    synthetic = read_pairs(ctx.inputs["synthesize"].dir / "synthetic.jsonl")
+    summary = shards.run_sharded(ctx.dir, synthetic, c.shard_size, work, fingerprint=ctx.fingerprint, desc="score")
+    return {"scored": summary.rows_out}
+
+
+def rate(ctx: StageContext) -> dict[str, Any]:
+    """Humpback's self-curation: the seed-only forward adapter rates every synthetic pair 1-5."""
+    c, tokenizer, bank = ctx.config, ctx.shared.tokenizer, ctx.shared.bank
+    name = bank.ensure("seed_forward", ctx.inputs["init_sft"].dir / "forward")
+
+    def work(pairs: list[Pair], index: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        with bank.use(name) as model:
+            ratings = mutual.humpback_ratings(model, tokenizer, pairs, c.rating, c.main.system_seed)
+        return [{"rating": r} for r in ratings], {"unparseable_ratings": sum(r is None for r in ratings)}
+
+    synthetic = read_pairs(ctx.inputs["synthesize"].dir / "synthetic.jsonl")
+    summary = shards.run_sharded(ctx.dir, synthetic, c.shard_size, work, fingerprint=ctx.fingerprint, desc="rate")
+    return {"rated": summary.rows_out, "unparseable_ratings": summary.counts.get("unparseable_ratings", 0)}
+
+
+def filter_values(ctx: StageContext) -> tuple[list[float], list[int]]:
+    """Every pair's filter score and the kept indices, best first (ALGORITHMS.md §1 Step 3, §3)."""
+    main = ctx.config.main
+    if main.filter_method == "humpback":
+        ratings = [r["rating"] for r in shards.iter_rows(ctx.inputs["rate"].dir)]
+        kept = [i for i, r in enumerate(ratings) if r is not None and r >= main.humpback_min_rating]
+        return [float(r) if r is not None else 0.0 for r in ratings], kept
+    scores = mutual.PoolScores.from_rows(shards.iter_rows(ctx.inputs["score"].dir))
+    if main.filter_method == "none":
+        return [0.0] * len(scores.forward), list(range(len(scores.forward)))
+    values = mutual.filter_scores(scores, main.filter_method, main.score_normalization, main.lam)
+    return values, mutual.select(values, main.top_fraction, main.threshold)
+
+
+def select(ctx: StageContext) -> dict[str, Any]:
+    """The filter's score for every pair and the pairs it keeps."""
+    values, kept = filter_values(ctx)
+    write_json(ctx.dir / "selection.json", {"scores": values, "kept": kept})
+    chosen = set(kept)
+    synthetic = read_pairs(ctx.inputs["synthesize"].dir / "synthetic.jsonl")
+    write_jsonl(ctx.dir / "selected.jsonl", (p.to_dict() for i, p in enumerate(synthetic) if i in chosen))
+    return {"candidates": len(values), "selected": len(kept)}
+
+
+def final_sft(ctx: StageContext) -> dict[str, Any]:
+    """Step 4: a fresh forward adapter on seed ∪ selected, α-weighted, so every filter starts from one point."""
+    c = ctx.config
+    selected = list(read_pairs(ctx.inputs["select"].dir / "selected.jsonl"))
+    pairs = sft.weight_pairs(seed_pairs(ctx), selected, c.main.final_alpha)
+    settings = sft_settings(c.final_sft, ctx, direction="forward", system_synthetic=c.main.system_synthetic)
+    return train_adapter(ctx, "final", pairs, settings, "forward")
+
+
+# -- the declaration -------------------------------------------------------------------------------------------
+
+MODEL = ("model", "quantization")  # every stage that runs the model reads these
+TRAINS = (*MODEL, "lora", "max_length", "seed", "main.system_seed")  # and every stage that trains, these
+SHARDED = (*MODEL, "shard_size", "main.system_seed")  # shards are seeded per index; prompts carry the seed tag
+SELECT = tuple(
+    f"main.{name}"
+    for name in ("filter_method", "score_normalization", "lam", "top_fraction", "threshold", "humpback_min_rating")
+)
+INPUTS = ("seed_data", "pool_data", "n_seed", "n_pool", "max_length", "seed")
+ALPHAS = ("main.rounds", "main.alpha_schedule", "main.alpha_start", "main.alpha_end")
+
+
+def round_stage(k: int) -> Stage:
+    """Round k of the mutual alignment: it updates the adapters of round k-1 (of init_sft for k = 0)."""
+    previous = f"round_{k - 1}" if k else "init_sft"
+    return Stage(
+        f"round_{k}",
+        mutual_round,
+        reads=(*TRAINS, "round_sft", "round_generation", *ALPHAS, "main.system_synthetic"),
+        needs=("inputs", previous),
+        params={"k": k, "previous": previous},
+        code=(mutual, sft, generate, prompts),
+    )
+
+
+def main_stages(config: MainConfig) -> list[Stage]:
+    """MAIN's stages in order, with what each reads and needs (K rounds; `rate` only for Humpback)."""
+    k_rounds = config.main.rounds
+    aligned = f"round_{k_rounds - 1}" if k_rounds else "init_sft"  # the stage holding p_f^K and p_r^K
+    humpback = config.main.filter_method == "humpback"
+    reverse_from = "init_sft" if humpback else aligned  # Humpback backtranslates with the seed-only model (§3)
+    rating = [
+        Stage(
+            "rate",
+            rate,
+            reads=(*SHARDED, "rating"),
+            needs=("synthesize", "init_sft"),
+            code=(mutual, generate, prompts),
+            resumable=True,
+        )
+    ]
+    return [
+        Stage("inputs", load_inputs, reads=(*INPUTS, "model"), files=("seed_data", "pool_data"), code=(data,)),
+        Stage("init_sft", init_sft, reads=(*TRAINS, "sft"), needs=("inputs",), code=(sft, prompts)),
+        *[round_stage(k) for k in range(k_rounds)],
+        Stage(
+            "synthesize",
+            synthesize,
+            reads=(*SHARDED, "synthesis"),
+            needs=("inputs", reverse_from),
+            params={"reverse_from": reverse_from, "adapter": "seed_reverse" if humpback else "reverse"},
+            code=(mutual, generate, prompts),
+            resumable=True,
+        ),
+        Stage(
+            "score",
+            score,
+            reads=(*SHARDED, "scoring"),
+            needs=("synthesize", aligned),
+            params={"aligned": aligned},
+            code=(mutual, scoring, prompts),
+            resumable=True,
+        ),
+        *(rating if humpback else []),
+        Stage("select", select, reads=SELECT, needs=("synthesize", "rate" if humpback else "score"), code=(mutual,)),
+        Stage(
+            "final_sft",
+            final_sft,
+            reads=(*TRAINS, "final_sft", "main.final_alpha", "main.system_synthetic"),
+            needs=("inputs", "select"),
+            code=(sft, prompts),
+        ),
+    ]
+
+
+# -- running it ------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class PipelineState:
-    """What the stages produced so far (loaded from disk for skipped stages)."""
+    """What the stages produced so far, read back from their folders (computed now or earlier)."""
 
     seed_pairs: list[Pair]
     pool: list[Pair]
@@ -51,263 +302,54 @@ class PipelineState:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage name -> manifest
     ran: list[str] = field(default_factory=list)  # stages computed in this call (the others were up to date)
     sft: dict[str, Any] = field(default_factory=dict)  # "init_forward", "round_0_forward", ..., "final"
-    synthesis: Synthesis | None = None
-    scores: PoolScores | None = None
+    synthesis: mutual.Synthesis | None = None
+    scores: mutual.PoolScores | None = None
     ratings: list[int | None] | None = None
     selection: dict[str, Any] | None = None
 
-    def record(self, stage) -> None:
-        self.stages[stage.name] = stage.manifest
-        if not stage.skipped:
-            self.ran.append(stage.name)
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_inputs(config: PipelineConfig, tokenizer) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
-    """Seed pairs and pool responses, cleaned and sampled; fails clearly when nothing usable is left."""
-    seed_all, seed_report = data.clean_pairs(data.load_source(config.seed_data), tokenizer, config.max_length)
-    seed_pairs, _ = data.sample_pairs(seed_all, config.n_seed, config.seed)
-    if not seed_pairs:
-        raise ValueError(f"{config.seed_data}: no seed pair survives cleaning {seed_report.dropped}")
-    pool_raw = data.load_source(config.pool_data, allow_missing_instruction=True)
-    if not pool_raw:
-        raise ValueError(f"{config.pool_data}: the unlabeled pool is empty; point pool_data at a file of responses")
-    pool_all, pool_report = data.clean_pairs(pool_raw, tokenizer, config.max_length, require_instruction=False)
-    if not pool_all:
-        raise ValueError(
-            f"{config.pool_data}: no response survives cleaning {pool_report.dropped}; "
-            f"raise max_length (now {config.max_length}) or check the file"
-        )
-    pool, _ = data.sample_pairs(pool_all, config.n_pool, config.seed)
-    return seed_pairs, pool, {"seed": seed_report.to_dict(), "pool": pool_report.to_dict()}
-
-
-def run_main(config: PipelineConfig, until: str = "final_sft", force: bool = False) -> PipelineState:
-    """Run (or resume) the MAIN stages up to and including `until` ("init_sft", "rounds", ..., "final_sft")."""
-    if until not in STAGES:
-        raise ValueError(f"until must be one of {', '.join(STAGES)}; got {until!r}")
-    validate(config)  # everything checkable without a model, before the first stage
-    last = STAGES.index(until)
-    tokenizer = load_tokenizer(config.model)
-    seed_pairs, pool, clean = load_inputs(config, tokenizer)
-    state = PipelineState(seed_pairs, pool, clean)
-    run = Run(Path(config.runs_dir) / config.run_name, config.identity(), force=force)
-    seed_fp = fingerprint([p.to_dict() for p in seed_pairs])
-    models: dict[str, Any] = {}  # "forward"/"reverse" -> peft model currently in memory, with its stage dir
-
-    def adapter(direction: str, stage_dir: Path, trainable: bool = False):
-        """The model of `direction` as saved in `stage_dir` (kept in memory when it is already that one)."""
-        held = models.get(direction)
-        if held is None or held[1] != stage_dir:
-            model, _, _ = load_adapter(stage_dir / direction, config.quantization, is_trainable=trainable)
-            models[direction] = (model, stage_dir)
-        return models[direction][0]
-
-    # -- init_sft: forward and reverse adapters on the seed set (Step 0)
-    def init_sft(out: Path) -> dict[str, Any]:
-        counts = {}
-        for direction in ("forward", "reverse"):
-            settings = SFTSettings(
-                **{
-                    **config.sft.to_dict(),
-                    "direction": direction,
-                    "seed": config.seed,
-                    "max_length": config.max_length,
-                    "system_seed": config.main.system_seed,
-                }
-            )
-            model, result = train_adapter(
-                config.model, tokenizer, seed_pairs, settings, config.lora, out / direction, config.quantization
-            )
-            models[direction] = (model, out)
-            counts[direction] = result.counts
-        return counts
-
-    init_config = {
-        "sft": config.sft.to_dict(),
-        "lora": asdict(config.lora),
-        "quantization": config.quantization,
-        "max_length": config.max_length,
-        "seed": config.seed,
-        "system_seed": config.main.system_seed,
-    }
-    stage = run.stage("init_sft", init_config, {"seed": seed_fp}, init_sft)
-    state.record(stage)
-    for direction in ("forward", "reverse"):
-        state.sft[f"init_{direction}"] = json.loads((stage.dir / direction / "sft_result.json").read_text())
-    if last == 0:
-        return state
-
-    # -- rounds: K mutual-alignment rounds (Step 1)
-    previous = stage
-    alphas = alpha_schedule(
-        config.main.alpha_schedule, config.main.alpha_start, config.main.alpha_end, config.main.rounds
+def load_state(results: dict[str, StageResult]) -> PipelineState:
+    """The notebooks' view of a run: every finished stage's outputs, loaded."""
+    folder = {name: result.dir for name, result in results.items()}
+    inputs = folder["inputs"]
+    state = PipelineState(
+        list(read_pairs(inputs / "seed.jsonl")), list(read_pairs(inputs / "pool.jsonl")), _json(inputs / "clean.json")
     )
-    for k, alpha in enumerate(alphas):
-
-        def one_round(out: Path, k: int = k, alpha: float = alpha, source: Path = previous.dir) -> dict[str, Any]:
-            forward, reverse = adapter("forward", source, True), adapter("reverse", source, True)
-            result = round_update(
-                k,
-                alpha,
-                forward,
-                reverse,
-                tokenizer,
-                seed_pairs,
-                SFTSettings(
-                    **{**config.round_sft.to_dict(), "max_length": config.max_length, "seed": config.seed + k + 1}
-                ),
-                config.round_generation,
-                out,
-                config.main,
-            )
-            for direction, model in (("forward", forward), ("reverse", reverse)):
-                save_adapter(
-                    model,
-                    tokenizer,
-                    out / direction,
-                    {"base_model": config.model, "quantization": config.quantization, "round": k},
-                )
-                models[direction] = (model, out)
-            write_json(out / "round.json", result.to_dict())
-            return {
-                "alpha": alpha,
-                "synthetic_instructions": result.synthetic_instructions,
-                "synthetic_responses": result.synthetic_responses,
-            }
-
-        round_config = {
-            "k": k,
-            "alpha": alpha,
-            "round_sft": config.round_sft.to_dict(),
-            "generation": asdict(config.round_generation),
-            "system_synthetic": config.main.system_synthetic,
-        }
-        previous = run.stage(f"round_{k}", round_config, {"previous": previous.fingerprint}, one_round)
-        state.record(previous)
-        round_record = json.loads((previous.dir / "round.json").read_text())
-        state.sft[f"round_{k}_forward"] = round_record["forward"]
-        state.sft[f"round_{k}_reverse"] = round_record["reverse"]
-    aligned = previous  # the stage holding p_f^K and p_r^K
-    if last == 1:
-        return state
-
-    # -- synthesize: p_r^K writes an instruction for every pool response (Step 2)
-    def do_synthesis(out: Path) -> dict[str, Any]:
-        result = synthesize(adapter("reverse", aligned.dir), tokenizer, pool, config.synthesis)
-        write_jsonl(out / "synthetic.jsonl", [p.to_dict() for p in result.pairs])
-        write_jsonl(out / "rows.jsonl", result.rows)
-        if not result.pairs:
-            raise ValueError(f"synthesis kept no pair ({result.dropped}); raise synthesis.max_new_tokens")
-        return {"pool": len(pool), "kept": len(result.pairs), "dropped": result.dropped}
-
-    pool_fp = fingerprint([p.to_dict() for p in pool])
-    stage = run.stage(
-        "synthesize",
-        {"generation": asdict(config.synthesis)},
-        {"pool": pool_fp, "aligned": aligned.fingerprint},
-        do_synthesis,
-    )
-    state.record(stage)
-    synthetic = [Pair(**r) for r in data.load_jsonl(stage.dir / "synthetic.jsonl")]
-    state.synthesis = Synthesis(
-        synthetic, data.load_jsonl(stage.dir / "rows.jsonl"), stage.manifest["counts"]["dropped"]
-    )
-    synthesized = stage
-    if last == 2:
-        return state
-
-    # -- score: both models' likelihoods of every synthetic pair (Step 3); ratings for the humpback baseline
-    def do_score(out: Path) -> dict[str, Any]:
-        forward, reverse = adapter("forward", aligned.dir), adapter("reverse", aligned.dir)
-        scores = score_pool(forward, reverse, tokenizer, synthetic, config.scoring)
-        write_json(out / "scores.json", scores.to_dict())
-        counts: dict[str, Any] = {"scored": len(synthetic)}
-        if config.main.filter_method == "humpback":
-            seed_forward = adapter("forward", run.dir / "init_sft")  # Humpback rates with the seed model
-            ratings = humpback_ratings(seed_forward, tokenizer, synthetic, config.rating)
-            write_json(out / "ratings.json", ratings)
-            counts["unparseable_ratings"] = sum(r is None for r in ratings)
-        return counts
-
-    stage = run.stage(
-        "score",
-        {
-            "scoring": asdict(config.scoring),
-            "humpback": config.main.filter_method == "humpback",
-            "rating": asdict(config.rating),
-        },
-        {"synthetic": synthesized.fingerprint, "aligned": aligned.fingerprint},
-        do_score,
-    )
-    state.record(stage)
-    state.scores = PoolScores(**json.loads((stage.dir / "scores.json").read_text()))
-    if (stage.dir / "ratings.json").is_file():
-        state.ratings = json.loads((stage.dir / "ratings.json").read_text())
-    scored = stage
-    if last == 3:
-        return state
-
-    # -- select: the filter and the selection rule
-    def do_select(out: Path) -> dict[str, Any]:
-        main = config.main
-        if main.filter_method == "none":
-            values, kept = [0.0] * len(synthetic), list(range(len(synthetic)))
-        elif main.filter_method == "humpback":
-            if state.ratings is None:
-                raise ValueError("filter_method='humpback' needs ratings: the score stage did not write them")
-            values = [float(r) if r is not None else 0.0 for r in state.ratings]
-            kept = [i for i, r in enumerate(state.ratings) if r is not None and r >= main.humpback_min_rating]
-        else:
-            values = filter_scores(state.scores, main.filter_method, main.score_normalization, main.lam)
-            kept = select(values, main.top_fraction, main.threshold)  # validate: exactly one is set
-        write_json(out / "selection.json", {"scores": values, "kept": kept})
-        write_jsonl(out / "selected.jsonl", [synthetic[i].to_dict() for i in kept])
-        return {"candidates": len(synthetic), "selected": len(kept)}
-
-    select_config = {
-        k: getattr(config.main, k)
-        for k in ("filter_method", "score_normalization", "lam", "top_fraction", "threshold", "humpback_min_rating")
-    }
-    stage = run.stage("select", select_config, {"scores": scored.fingerprint}, do_select)
-    state.record(stage)
-    state.selection = json.loads((stage.dir / "selection.json").read_text())
-    selected = [Pair(**r) for r in data.load_jsonl(stage.dir / "selected.jsonl")]
-    chosen = stage
-    if last == 4:
-        return state
-
-    # -- final_sft: a fresh forward adapter on seed ∪ selected, α-weighted (Step 4)
-    def do_final(out: Path) -> dict[str, Any]:
-        models.clear()  # the aligned models are done: free their memory before loading the base again
-        gc.collect()
-        settings = SFTSettings(
-            **{
-                **config.final_sft.to_dict(),
-                "direction": "forward",
-                "seed": config.seed,
-                "max_length": config.max_length,
-                "system_seed": config.main.system_seed,
-                "system_synthetic": config.main.system_synthetic,
-            }
-        )
-        model, result = train_adapter(
-            config.model,
-            tokenizer,
-            weight_pairs(seed_pairs, selected, config.main.final_alpha),
-            settings,
-            config.lora,
-            out / "forward",
-            config.quantization,
-        )
-        models["final"] = (model, out)
-        return result.counts
-
-    stage = run.stage(
-        "final_sft",
-        {"sft": config.final_sft.to_dict(), "final_alpha": config.main.final_alpha, "lora": asdict(config.lora)},
-        {"seed": seed_fp, "selected": chosen.fingerprint},
-        do_final,
-    )
-    state.record(stage)
-    state.sft["final"] = json.loads((stage.dir / "forward" / "sft_result.json").read_text())
+    state.stages = {name: result.manifest for name, result in results.items()}
+    state.ran = [name for name, result in results.items() if not result.skipped]
+    for name, where in folder.items():
+        if name == "init_sft":
+            state.sft |= {f"init_{d}": _json(where / d / "sft_result.json") for d in ("forward", "reverse")}
+        elif name.startswith("round_"):
+            state.sft |= {f"{name}_{d}": _json(where / "round.json")[d] for d in ("forward", "reverse")}
+        elif name == "synthesize":
+            rows = data.load_jsonl(where / "rows.jsonl")
+            pairs = [mutual.synthesis_pair(r) for r in rows if not r["dropped"]]
+            state.synthesis = mutual.Synthesis(pairs, rows, results[name].manifest["counts"]["dropped"])
+        elif name == "score":
+            state.scores = mutual.PoolScores.from_rows(shards.iter_rows(where))
+        elif name == "rate":
+            state.ratings = [row["rating"] for row in shards.iter_rows(where)]
+        elif name == "select":
+            state.selection = _json(where / "selection.json")
+        elif name == "final_sft":
+            state.sft["final"] = _json(where / "forward" / "sft_result.json")
     return state
+
+
+def run_main(config: MainConfig, until: str = "final_sft", force: bool = False) -> PipelineState:
+    """Validate the whole config (before any model loads), then run or resume the stages up to `until`."""
+    validate(config)
+    stages = main_stages(config)
+    names = [s.name for s in stages]
+    if until not in names:
+        raise ValueError(f"until must be one of {', '.join(names)}; got {until!r}")
+    run = Run(Path(config.runs_dir) / config.run_name, config.identity(), force=force)
+    checkpointing = any(s.gradient_checkpointing for s in (config.sft, config.round_sft, config.final_sft))
+    bank = ModelBank(config.model, config.quantization, checkpointing)  # loads the base only when a stage needs it
+    shared = Shared(load_tokenizer(config.model), bank)
+    return load_state(run.execute(stages, config, until, shared))

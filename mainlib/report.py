@@ -51,6 +51,46 @@ def musc_funnel(record: dict[str, Any]) -> list[tuple[str, int]]:
     return [(row["step"], row["left"]) for row in record["survival"]]
 
 
+def training_rows(run: str, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Start and end of each training curve of one run: seed SFTs (quarter means), final SFT, DPO."""
+    rows = []
+    if "01_forward_reverse" in records:
+        for direction, s in records["01_forward_reverse"]["loss_summary"].items():
+            start, end = s["first_quarter_mean"], s["last_quarter_mean"]
+            rows.append({"run": run, "stage": f"01 seed SFT ({direction})", "start": start, "end": end})
+    if "03_mutual_filter" in records and records["03_mutual_filter"].get("final_losses"):
+        losses = [r["loss"] for r in records["03_mutual_filter"]["final_losses"]]
+        rows.append({"run": run, "stage": "03 final SFT (loss)", "start": losses[0], "end": losses[-1]})
+    if "04_musc" in records:
+        log, final = records["04_musc"]["training_log"], records["04_musc"]["final_metrics"]
+        rows.append(
+            {"run": run, "stage": "04 token-weighted DPO (loss)", "start": log[0]["loss"], "end": final["loss"]}
+        )
+        accuracy = {"start": log[0].get("rewards/accuracies"), "end": final["rewards/accuracies"]}
+        rows.append({"run": run, "stage": "04 reward accuracy", **accuracy})
+    for row in rows:
+        row.update({k: round(row[k], 4) for k in ("start", "end") if isinstance(row[k], float)})
+    return rows
+
+
+def funnel_sections(run: str, records: dict[str, dict[str, Any]]) -> list[str]:
+    """MAIN's filtering funnel (with the ground-truth AUC) and MuSC's survival, for one run."""
+    parts = []
+    if "03_mutual_filter" in records:
+        record = records["03_mutual_filter"]
+        table = markdown_table([{"step": s, "left": n} for s, n in main_funnel(record)])
+        parts += [f"## MAIN filtering ({run})", "", table, ""]
+        auc = {k: round(v, 3) for k, v in record.get("ground_truth_auc", {}).items() if k != "n_pairs"}
+        if auc:
+            n_pairs = record["ground_truth_auc"].get("n_pairs")
+            listed = ", ".join(f"{k} {v}" for k, v in auc.items())
+            parts += [f"Ground-truth ROC-AUC on {n_pairs} held-out pairs: {listed}", ""]
+    if "04_musc" in records:
+        table = markdown_table([{"step": s, "left": n} for s, n in musc_funnel(records["04_musc"])])
+        parts += [f"## MuSC survival ({run})", "", table, ""]
+    return parts
+
+
 def summary_markdown(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Benchmarks, MAIN filtering, MuSC survival and training end points, as Markdown tables."""
     from mainlib.evaluate import headline_table
@@ -59,67 +99,12 @@ def summary_markdown(runs: dict[str, dict[str, dict[str, Any]]]) -> str:
     rows = benchmark_rows(runs)
     if rows:
         parts += ["## Benchmarks (headline metric ± stderr)", "", markdown_table(headline_table(rows)), ""]
-    training = []
-    for run, records in runs.items():
-        if "01_forward_reverse" in records:
-            for direction, s in records["01_forward_reverse"]["loss_summary"].items():
-                training.append(
-                    {
-                        "run": run,
-                        "stage": f"01 seed SFT ({direction})",
-                        "start": s["first_quarter_mean"],
-                        "end": s["last_quarter_mean"],
-                    }
-                )
-        if "03_mutual_filter" in records and records["03_mutual_filter"].get("final_losses"):
-            losses = [r["loss"] for r in records["03_mutual_filter"]["final_losses"]]
-            training.append({"run": run, "stage": "03 final SFT (loss)", "start": losses[0], "end": losses[-1]})
-        if "04_musc" in records:
-            log = records["04_musc"]["training_log"]
-            final = records["04_musc"]["final_metrics"]
-            training.append(
-                {"run": run, "stage": "04 token-weighted DPO (loss)", "start": log[0]["loss"], "end": final["loss"]}
-            )
-            training.append(
-                {
-                    "run": run,
-                    "stage": "04 reward accuracy",
-                    "start": log[0].get("rewards/accuracies"),
-                    "end": final["rewards/accuracies"],
-                }
-            )
+    training = [row for run, records in runs.items() for row in training_rows(run, records)]
     if training:
-        for row in training:
-            row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items() if k in ("start", "end")})
-        parts += [
-            "## Training (start → end; SFT losses are quarter means, DPO the mean of the last 3 steps)",
-            "",
-            markdown_table(training),
-            "",
-        ]
+        title = "## Training (start → end; SFT losses are quarter means, DPO the mean of the last 3 steps)"
+        parts += [title, "", markdown_table(training), ""]
     for run, records in runs.items():
-        if "03_mutual_filter" in records:
-            record = records["03_mutual_filter"]
-            auc = {k: round(v, 3) for k, v in record.get("ground_truth_auc", {}).items() if k != "n_pairs"}
-            parts += [
-                f"## MAIN filtering ({run})",
-                "",
-                markdown_table([{"step": s, "left": n} for s, n in main_funnel(record)]),
-                "",
-            ]
-            if auc:
-                parts += [
-                    f"Ground-truth ROC-AUC on {record['ground_truth_auc'].get('n_pairs')} held-out pairs: "
-                    + ", ".join(f"{k} {v}" for k, v in auc.items()),
-                    "",
-                ]
-        if "04_musc" in records:
-            parts += [
-                f"## MuSC survival ({run})",
-                "",
-                markdown_table([{"step": s, "left": n} for s, n in musc_funnel(records["04_musc"])]),
-                "",
-            ]
+        parts += funnel_sections(run, records)
     return "\n".join(parts)
 
 

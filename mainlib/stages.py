@@ -219,7 +219,8 @@ class Run:
                 f"{self.dir} was made for a different experiment ({what}). Choose another run_name, or pass "
                 "force=True to recompute in it (its current outputs are kept under _superseded/)."
             )
-        write_json(self.dir / "run.json", {"identity": identity})
+        self.identity = identity  # written to run.json when the first stage completes: a run whose inputs fail
+        # before that leaves no claim on the directory, so fixing the data file and rerunning just works
 
     def status(self, name: str, fp: str) -> str:
         """ "done" (manifest matches), "kept" (in _superseded/), "partial" (same attempt), "stale" or "new"."""
@@ -285,6 +286,8 @@ class Run:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json(stage_dir / MANIFEST, manifest)  # last, atomically: its presence means the stage is complete
+        if (_read(self.dir / "run.json") or {}).get("identity") != self.identity:  # absent, or force=True
+            write_json(self.dir / "run.json", {"identity": self.identity})
         (stage_dir / ATTEMPT).unlink(missing_ok=True)
         return StageResult(name, stage_dir, False, manifest)
 

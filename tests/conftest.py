@@ -67,6 +67,7 @@ def tiny_params(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> dict:
         round_learning_rate=1e-4,
         round_max_new_tokens=160,
         synthesis_max_new_tokens=160,
+        synthesis_temperature=0.0,  # greedy: the tiny reverse model writes the instructions it learned, and stops
         runs_dir=str(tmp_path / "runs"),
         results_dir=str(tmp_path / "results"),
     )

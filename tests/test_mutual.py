@@ -133,13 +133,14 @@ def test_roc_auc_and_shuffle() -> None:
 def test_ground_truth_auc_with_the_bundled_model() -> None:
     """Untrained SmolLM2 scores 40 held-out true pairs against the same responses with shuffled instructions."""
     from mainlib import data
-    from mainlib.models import load_model, load_tokenizer
+    from mainlib.adapters import ModelBank
+    from mainlib.models import load_tokenizer
     from mainlib.mutual import ground_truth_auc
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    model = load_model("smollm2-135m-instruct")
+    bank = ModelBank("smollm2-135m-instruct")  # no adapter: both directions are the plain base
     pairs, _ = data.clean_pairs(data.load_bundled("heldout"), tokenizer, max_tokens=384)
-    auc = ground_truth_auc(model, model, tokenizer, pairs[:40])
+    auc = ground_truth_auc(bank, tokenizer, pairs[:40], adapters=(None, None))
     print("ground-truth ROC-AUC, true vs shuffled (40 pairs):", {k: round(v, 3) for k, v in auc.items()})
     assert set(auc) == {f"{m}_{n}" for m in ("forward", "reverse", "mutual") for n in ("pmi", "none")}
     assert auc["mutual_pmi"] >= 0.9  # measured 0.969

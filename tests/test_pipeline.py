@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -32,19 +33,20 @@ def config(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> PipelineCon
         final_sft=SFTHyperparameters(learning_rate=1e-3, epochs=1),  # the demo's, not the spec's 1e-5 x 32
         main=MainSettings(rounds=1, top_fraction=0.5),
         round_generation=GenerationSettings(max_new_tokens=160),
-        synthesis=GenerationSettings(max_new_tokens=160),
+        synthesis=GenerationSettings(max_new_tokens=160, temperature=0.0),  # greedy: the seed-learned instructions
     )
 
 
 def test_end_to_end_then_resume_then_rerun(config: PipelineConfig) -> None:
     state = run_main(config)
-    assert state.ran == ["init_sft", "round_0", "synthesize", "score", "select", "final_sft"]
+    assert state.ran == ["inputs", "init_sft", "round_0", "synthesize", "score", "select", "final_sft"]
     run_dir = Path(config.runs_dir) / config.run_name
     assert all((run_dir / stage / "manifest.json").is_file() for stage in state.ran)
     synthesis = state.stages["synthesize"]["counts"]
     assert synthesis["pool"] == 4 and synthesis["kept"] + sum(synthesis["dropped"].values()) == 4
     assert len(state.selection["kept"]) == math.ceil(0.5 * synthesis["kept"])
-    assert state.stages["final_sft"]["counts"]["examples"] == 4 + len(state.selection["kept"])
+    final = state.stages["final_sft"]["counts"]  # a pair whose prompt fills max_length has no target left
+    assert final["examples"] + final.get("no_target", 0) == 4 + len(state.selection["kept"])
     assert len(state.scores.forward) == synthesis["kept"] and state.sft["round_0_forward"]["losses"]
     assert (run_dir / "final_sft" / "forward" / "adapter_model.safetensors").is_file()
 
@@ -66,11 +68,11 @@ def test_end_to_end_then_resume_then_rerun(config: PipelineConfig) -> None:
 def test_until_stops_early_and_humpback_rates(config: PipelineConfig) -> None:
     config.main.filter_method = "humpback"
     state = run_main(config, until="synthesize")
-    assert state.ran == ["init_sft", "round_0", "synthesize"] and state.scores is None
+    assert state.ran == ["inputs", "init_sft", "round_0", "synthesize"] and state.scores is None
     state = run_main(config)
-    assert state.ran == ["score", "select", "final_sft"]
+    assert state.ran == ["score", "rate", "select", "final_sft"]
     assert len(state.ratings) == state.stages["synthesize"]["counts"]["kept"]
-    assert state.stages["score"]["counts"]["unparseable_ratings"] == sum(r is None for r in state.ratings)
+    assert state.stages["rate"]["counts"]["unparseable_ratings"] == sum(r is None for r in state.ratings)
     assert state.selection["kept"] == [i for i, r in enumerate(state.ratings) if r is not None and r >= 4]
 
 
@@ -95,3 +97,85 @@ def test_bad_input_is_one_clear_error(config: PipelineConfig, tmp_path: Path) ->
     with pytest.raises(RunMismatchError, match="Choose another run_name"):
         run_main(PipelineConfig(**{**config.__dict__, "seed_data": "bundled:heldout"}), until="init_sft")
     assert (Path(config.runs_dir) / config.run_name / "init_sft" / "manifest.json").is_file()
+
+
+def test_humpback_synthesises_with_the_seed_only_reverse_adapter(config: PipelineConfig) -> None:
+    """ALGORITHMS.md §3: Humpback backtranslates with the reverse model trained on the seed alone, not p_r^K."""
+    from mainlib import data
+    from mainlib.adapters import ModelBank
+    from mainlib.generate import complete_pairs
+    from mainlib.models import load_tokenizer
+
+    config.main.filter_method = "humpback"
+    state = run_main(config, until="synthesize")
+    assert set(state.stages["synthesize"]["inputs"]) == {"inputs", "init_sft"}  # not round_0
+    run_dir = Path(config.runs_dir) / config.run_name
+    bank, tokenizer = ModelBank(config.model, config.quantization), load_tokenizer(config.model)
+    bank.load("seed_reverse", run_dir / "init_sft" / "reverse")
+    with bank.use("seed_reverse") as model:  # greedy (see the fixture): the same instructions, written again
+        written = complete_pairs(model, tokenizer, "reverse", state.pool, config.synthesis)
+    rows = data.load_jsonl(run_dir / "synthesize" / "rows.jsonl")
+    assert [r["instruction"] for r in rows] == [data.normalize_text(g.text) for g in written]
+
+
+def killed_synthesis(config_file: str, mode: str) -> None:
+    """Run in a subprocess: MAIN up to `synthesize` (2 shards), SIGKILLed at shard 1: before it starts
+    ("boundary": shard 0 complete) or while its rows file is half written ("mid")."""
+    import os
+    import pickle
+    import signal
+
+    from mainlib import shards
+
+    config = pickle.loads(Path(config_file).read_bytes())
+    real_compute, real_write = shards._compute, shards.write_jsonl
+
+    def dying_write(path, rows):
+        def first_row_then_die():
+            for i, row in enumerate(rows):
+                if i == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield row
+
+        return real_write(path, first_row_then_die())
+
+    def compute(folder, index, *args):
+        if folder.parent.name == "synthesize" and index == 1:
+            if mode == "boundary":
+                os.kill(os.getpid(), signal.SIGKILL)
+            shards.write_jsonl = dying_write
+        return real_compute(folder, index, *args)
+
+    shards._compute = compute
+    run_main(config, until="synthesize")
+
+
+@pytest.mark.parametrize("mode", ["boundary", "mid"])
+def test_killed_synthesis_resumes_byte_identical(config: PipelineConfig, tmp_path: Path, mode: str) -> None:
+    import pickle
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    config.shard_size = 2  # the 4 pool responses: 2 shards
+    whole = Path(config.runs_dir) / config.run_name
+    run_main(config, until="synthesize")
+    killed = dataclasses.replace(config, run_name="killed")
+    shutil.copytree(whole, Path(config.runs_dir) / "killed", ignore=shutil.ignore_patterns("synthesize"))
+    config_file = tmp_path / "config.pkl"
+    config_file.write_bytes(pickle.dumps(killed))
+    code = f"from tests.test_pipeline import killed_synthesis; killed_synthesis({str(config_file)!r}, {mode!r})"
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    stage = Path(config.runs_dir) / "killed" / "synthesize"
+    assert not (stage / "manifest.json").exists() and (stage / "attempt.json").is_file()
+    resumed = run_main(killed, until="synthesize")
+    assert resumed.ran == ["synthesize"]
+    assert resumed.stages["synthesize"]["counts"] == run_main(config, until="synthesize").stages["synthesize"]["counts"]
+    outputs = sorted(p.relative_to(whole / "synthesize") for p in (whole / "synthesize").rglob("*.jsonl"))
+    assert len(outputs) == 4  # two shards, rows.jsonl, synthetic.jsonl
+    for name in outputs:
+        assert (stage / name).read_bytes() == (whole / "synthesize" / name).read_bytes(), name
+    assert not [p for p in stage.rglob("*") if p.name.startswith(".")]  # no partial file left behind
