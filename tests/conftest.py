@@ -71,3 +71,18 @@ def tiny_params(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> dict:
         runs_dir=str(tmp_path / "runs"),
         results_dir=str(tmp_path / "results"),
     )
+
+
+@pytest.fixture()
+def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every `models.load_model` call, counted (a `ModelBank` loads its base through it)."""
+    from mainlib import models
+
+    calls, real = [], models.load_model
+
+    def counting(name, *args, **kwargs):
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", counting)
+    return calls

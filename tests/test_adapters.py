@@ -49,19 +49,6 @@ def ids(tiny_tokenizer) -> torch.Tensor:
     return torch.tensor([tiny_tokenizer("Write a poem about the sea.")["input_ids"]])
 
 
-@pytest.fixture()
-def load_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every `models.load_model` call (the bank loads through it), counted."""
-    calls, real = [], models.load_model
-
-    def counting(name, *args, **kwargs):
-        calls.append(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(models, "load_model", counting)
-    return calls
-
-
 def test_one_base_holds_named_adapters(tiny_model_dir: Path, ids, load_calls) -> None:
     bank = ModelBank(str(tiny_model_dir), "none")
     assert load_calls == []  # lazy: nothing loads before the first adapter

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from mainlib.models import load_model
-from mainlib.musc.tokens import TokenWeightSettings, normalise, sequence_weights, token_weights
+from mainlib.musc.tokens import (
+    TokenWeights,
+    TokenWeightSettings,
+    normalise,
+    sequence_weights,
+    token_weights,
+    weigh_pairs,
+)
 from mainlib.prompts import encode
 from mainlib.scoring import ScoringSettings
 
@@ -76,3 +83,23 @@ def test_mode_none_is_all_ones(model, tiny_tokenizer) -> None:
     assert all(set(w.weights) == {1.0} for w in result)
     with pytest.raises(ValueError, match="mode must be one of"):
         token_weights(model, tiny_tokenizer, CLEAN, CORRUPT, RESPONSES, TokenWeightSettings(mode="entropy"))
+
+
+def test_all_zero_weights_become_uniform_or_drop_the_pair() -> None:
+    def weights(*values: float) -> TokenWeights:
+        return TokenWeights(tuple(range(len(values))), values, tuple(v - 1 for v in values))  # measure: any
+
+    rows = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    chosen = [weights(0.5, 1.5), weights(0.0, 0.0, 0.0), weights(0.0, 0.0)]
+    rejected = [weights(1.0, 1.0), weights(2.0, 0.0), weights(0.0)]
+    kept, counts = weigh_pairs(rows, chosen, rejected, "uniform")
+    assert counts == {"pairs": 3, "zero_weight_sequences": 3, "dropped_zero_weights": 0, "kept": 3}
+    assert kept[0]["chosen_weights"]["weights"] == (0.5, 1.5)  # a weighted response is left as it is
+    assert kept[1]["chosen_weights"]["weights"] == (1.0, 1.0, 1.0)  # plain DPO for the unweighted one
+    assert kept[1]["rejected_weights"]["weights"] == (2.0, 0.0) and kept[2]["rejected_weights"]["weights"] == (1.0,)
+    assert kept[1]["chosen_weights"]["measure"] == (-1.0, -1.0, -1.0)  # the raw measure stays, to show why
+    kept, counts = weigh_pairs(rows, chosen, rejected, "drop")
+    assert counts == {"pairs": 3, "zero_weight_sequences": 3, "dropped_zero_weights": 2, "kept": 1}
+    assert [r["id"] for r in kept] == ["a"]
+    with pytest.raises(ValueError, match="zero_weights must be one of"):
+        weigh_pairs(rows, chosen, rejected, "keep")

@@ -296,6 +296,94 @@ def decompose(
     return out, counts
 
 
+def _rewrite_constraints(
+    decompositions: Sequence[Mapping[str, Any]],
+    plans: Sequence[list[Corruption]],
+    tokenizer: PreTrainedTokenizerBase,
+    complete: Complete,
+    helper: GenerationSettings,
+) -> list[dict[int, str]]:
+    """The model's substitutions and negations, by decomposition and constraint index; an empty or unchanged
+    rewrite is left out (the caller turns it into a drop)."""
+    wanted = [(k, c) for k, plan in enumerate(plans) for c in plan if c.kind != "drop"]
+    texts = [prompts.rewrite_prompt(tokenizer, c.kind, decompositions[k]["constraints"][c.index]) for k, c in wanted]
+    written = complete(texts, helper, "rewrite constraints") if texts else []
+    rewrites: list[dict[int, str]] = [{} for _ in decompositions]
+    for (k, c), g in zip(wanted, written, strict=True):
+        new = _one_line(g.text)
+        original = decompositions[k]["constraints"][c.index]
+        if new and new.rstrip(".").lower() != original.rstrip(".").lower():
+            rewrites[k][c.index] = new
+    return rewrites
+
+
+def _fall_back_to_drop(plans: list[list[Corruption]], rewrites: list[dict[int, str]], counts: dict[str, int]) -> None:
+    """A substitution or negation without a usable rewrite becomes a drop, so every plan can be applied."""
+    for plan, written in zip(plans, rewrites, strict=True):
+        for i, c in enumerate(plan):
+            if c.kind != "drop" and c.index not in written:
+                plan[i] = Corruption(c.index, "drop")
+                _tally(counts, "rewrite_fallback")
+
+
+def _recombine(
+    decompositions: Sequence[Mapping[str, Any]],
+    corrupted: Sequence[list[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    complete: Complete,
+    settings: CoarseSettings,
+) -> list[tuple[str, str, bool]]:
+    """(x, x′, both finished) per decomposition: the clean and the corrupted list, written as instructions."""
+    pairs = list(zip(decompositions, corrupted, strict=True))
+    if settings.recombine == "template":
+        return [
+            (prompts.recombine_template(d["input"], d["constraints"]), prompts.recombine_template(d["input"], c), True)
+            for d, c in pairs
+        ]
+    texts = [prompts.recombine_prompt(tokenizer, d["input"], d["constraints"]) for d in decompositions]
+    texts += [prompts.recombine_prompt(tokenizer, d["input"], c) for d, c in pairs]
+    written = complete(texts, settings.helper, "recombine")
+    clean, noised = written[: len(decompositions)], written[len(decompositions) :]
+    return [
+        (x.text.strip(), x_prime.text.strip(), x.finish_reason == "eos" and x_prime.finish_reason == "eos")
+        for x, x_prime in zip(clean, noised, strict=True)
+    ]
+
+
+def _contrast_problem(decomposition: Mapping[str, Any], x: str, x_prime: str, finished: bool) -> str | None:
+    """Why a recombined pair (x, x′) is unusable, or None."""
+    if not x or not x_prime:
+        return "recombine_empty"
+    if not finished:
+        return "recombine_unfinished"
+    if x == x_prime:
+        return "recombine_identical"
+    if prompts.copies_demo(x + x_prime, decomposition["input"] + " ".join(decomposition["constraints"])):
+        return "copied_demo"
+    return None
+
+
+def _contrast_row(
+    decomposition: Mapping[str, Any],
+    plan: Sequence[Corruption],
+    rewrites: Mapping[int, str],
+    corrupted: list[str],
+    instructions: tuple[str, str],
+) -> dict[str, Any]:
+    """The contrast record: the decomposition, what was corrupted and how, and the two instructions x and x′."""
+    d = decomposition
+    corruption = [
+        {**c.to_dict(), "original": d["constraints"][c.index], "rewrite": rewrites.get(c.index)} for c in plan
+    ]
+    return {
+        **{key: d[key] for key in ("id", "instruction", "input", "constraints")},
+        "corrupted_constraints": corrupted,
+        "corruption": corruption,
+        "prompt": instructions[0],
+        "noised_prompt": instructions[1],
+    }
+
+
 def contrast(
     decompositions: Sequence[Mapping[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
@@ -307,70 +395,26 @@ def contrast(
     The plan of each instruction is seeded by (seed, id), so it does not depend on the other instructions.
     A substitution or negation the model leaves empty or unchanged becomes a drop (counted `rewrite_fallback`).
     """
-    settings.validate()
+    settings.corruption.validate()
     counts: dict[str, int] = {"decompositions": len(decompositions)}
     plans = [
         plan_corruption(len(d["constraints"]), settings.corruption, random.Random(f"{settings.seed}:{d['id']}"))
         for d in decompositions
     ]
-    wanted = [(k, c) for k, plan in enumerate(plans) for c in plan if c.kind != "drop"]
-    texts = [prompts.rewrite_prompt(tokenizer, c.kind, decompositions[k]["constraints"][c.index]) for k, c in wanted]
-    written = complete(texts, settings.helper, "rewrite constraints") if texts else []
-    rewrites: dict[int, dict[int, str]] = {k: {} for k in range(len(decompositions))}
-    for (k, c), g in zip(wanted, written, strict=True):
-        new = _one_line(g.text)
-        original = decompositions[k]["constraints"][c.index]
-        if new and new.rstrip(".").lower() != original.rstrip(".").lower():
-            rewrites[k][c.index] = new
-    for k, plan in enumerate(plans):
-        for i, c in enumerate(plan):
-            if c.kind != "drop" and c.index not in rewrites[k]:
-                plan[i] = Corruption(c.index, "drop")
-                _tally(counts, "rewrite_fallback")
+    rewrites = _rewrite_constraints(decompositions, plans, tokenizer, complete, settings.helper)
+    _fall_back_to_drop(plans, rewrites, counts)
     corrupted = [
-        apply_corruption(d["constraints"], p, rewrites[k])
-        for k, (d, p) in enumerate(zip(decompositions, plans, strict=True))
+        apply_corruption(d["constraints"], p, r) for d, p, r in zip(decompositions, plans, rewrites, strict=True)
     ]
-
-    if settings.recombine == "template":
-        clean = [prompts.recombine_template(d["input"], d["constraints"]) for d in decompositions]
-        noised = [prompts.recombine_template(d["input"], c) for d, c in zip(decompositions, corrupted, strict=True)]
-        finished = [True] * (2 * len(decompositions))
-    else:
-        texts = [prompts.recombine_prompt(tokenizer, d["input"], d["constraints"]) for d in decompositions]
-        texts += [
-            prompts.recombine_prompt(tokenizer, d["input"], c) for d, c in zip(decompositions, corrupted, strict=True)
-        ]
-        written = complete(texts, settings.helper, "recombine")
-        clean = [g.text.strip() for g in written[: len(decompositions)]]
-        noised = [g.text.strip() for g in written[len(decompositions) :]]
-        finished = [g.finish_reason == "eos" for g in written]
+    recombined = _recombine(decompositions, corrupted, tokenizer, complete, settings)
     out = []
-    n = len(decompositions)
-    for k, d in enumerate(decompositions):
-        x, x_prime = clean[k], noised[k]
-        if not x or not x_prime:
-            _tally(counts, "recombine_empty")
-        elif not (finished[k] and finished[n + k]):
-            _tally(counts, "recombine_unfinished")
-        elif x == x_prime:
-            _tally(counts, "recombine_identical")
-        elif prompts.copies_demo(x + x_prime, d["input"] + " ".join(d["constraints"])):
-            _tally(counts, "copied_demo")
+    for d, plan, written, noised, (x, x_prime, finished) in zip(
+        decompositions, plans, rewrites, corrupted, recombined, strict=True
+    ):
+        if reason := _contrast_problem(d, x, x_prime, finished):
+            _tally(counts, reason)
         else:
-            corruption = [
-                {**c.to_dict(), "original": d["constraints"][c.index], "rewrite": rewrites[k].get(c.index)}
-                for c in plans[k]
-            ]
-            out.append(
-                {
-                    **{key: d[key] for key in ("id", "instruction", "input", "constraints")},
-                    "corrupted_constraints": corrupted[k],
-                    "corruption": corruption,
-                    "prompt": x,
-                    "noised_prompt": x_prime,
-                }
-            )
+            out.append(_contrast_row(d, plan, written, noised, (x, x_prime)))
     counts["kept"] = len(out)
     return out, counts
 

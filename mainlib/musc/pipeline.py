@@ -1,41 +1,57 @@
-"""MuSC as resumable stages (ALGORITHMS.md §2), in `runs/<run_name>/musc/<stage>/` (see `stages.Run`):
+"""MuSC (ALGORITHMS.md §2) as declared stages (`stages.Run`) in `runs/<run_name>/musc/<stage>/`:
 
     instructions -> decompose -> contrast -> respond -> token_weights -> tdpo
 
-`respond` writes the preference JSONL {prompt, chosen, rejected, noised_prompt, constraints, corruption};
-`token_weights` adds each response's per-token weights (from the frozen starting policy); `tdpo` trains a
-LoRA adapter with token-weighted DPO and saves it in `tdpo/model`. The policy is the base model, or the
-base with a trained adapter (e.g. MAIN's `final_sft/model`).
+Each stage declares the config fields it reads, so a changed field reruns exactly the stages that read it and
+those after them. The generation steps and the token weights stream the previous stage's rows in shards
+(`shards.run_sharded`, `shard_size` rows each, each shard sampling with its own seed): a killed stage resumes at
+its first missing shard with the bytes an uninterrupted run writes, and memory holds one shard, not the pool.
+
+One base model for the whole run (`adapters.ModelBank`): the starting policy is the plain base, or the base with
+`config.adapter` as a frozen adapter; `tdpo` trains a new adapter in the same bank (fresh, or the starting one
+loaded trainable) with token-weighted DPO and saves it in `tdpo/model`.
+
+`respond` writes the preference rows {prompt, chosen, rejected, noised_prompt, constraints, corruption, ...};
+`token_weights` adds each response's per-token weights from the frozen starting policy.
 """
 
 from __future__ import annotations
 
-import gc
+import dataclasses
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from mainlib import data
+from mainlib import data, prompts, shards
+from mainlib.adapters import ModelBank, Shared, same_model
 from mainlib.config import SELF_INSTRUCT, MuscConfig, validate
-from mainlib.models import (
-    load_adapter,
-    load_model,
-    load_tokenizer,
-    lora_config,
-    prepare_for_lora,
-    save_adapter,
-)
-from mainlib.musc.coarse import contrast, decompose, respond, self_instruct, writer
-from mainlib.musc.tdpo import DPOResult, train_tdpo
-from mainlib.musc.tokens import token_weights
+from mainlib.generate import Generation, GenerationSettings
+from mainlib.models import load_tokenizer, read_adapter_config
+from mainlib.musc import coarse, tokens
+from mainlib.musc import prompts as musc_prompts
+from mainlib.musc import tdpo as weighted_dpo
+from mainlib.musc.tdpo import DPOResult
+from mainlib.parameters import ConfigError, Problem
 from mainlib.results import write_json, write_jsonl
-from mainlib.stages import Run
+from mainlib.stages import Run, Stage, StageContext, StageResult
 
 STAGES = ("instructions", "decompose", "contrast", "respond", "token_weights", "tdpo")
+MODEL = ("model", "adapter", "quantization")  # read by every stage that runs the policy: its fingerprint says which
+POLICY = "policy"  # the bank's name of the starting adapter (frozen), when there is one
+TRAINED = "musc"  # the bank's name of the adapter `tdpo` trains
+INSTRUCTIONS_FILE = "instructions.jsonl"
+ROWS = {
+    "decompose": "decompositions",
+    "contrast": "contrasts",
+    "respond": "preferences",
+    "token_weights": "preferences",
+}
+Row = dict[str, Any]
 
-
-__all__ = ["STAGES", "MuscConfig", "MuscState", "load_instructions", "run_musc"]  # MuscConfig: see mainlib.config
+__all__ = ["STAGES", "MuscConfig", "MuscState", "load_instructions", "musc_stages", "run_musc"]  # MuscConfig: config
 
 
 def load_instructions(spec: str) -> list[dict[str, Any]]:
@@ -59,9 +75,182 @@ def load_instructions(spec: str) -> list[dict[str, Any]]:
     return records
 
 
+# -- the policy, from the one bank ----------------------------------------------------------------------------
+
+
+def start_policy(ctx: StageContext) -> str | None:
+    """The starting policy's adapter in the bank (`config.adapter`, frozen, loaded once for all stages), or None
+    for the plain base."""
+    adapter = ctx.config.adapter
+    return None if adapter is None else ctx.shared.bank.ensure(POLICY, adapter)
+
+
+def policy_writer(ctx: StageContext, index: int | None = None) -> coarse.Complete:
+    """The starting policy as the coarse steps' `Complete`. Shard `index` samples with `shard_seed(seed, index)`,
+    so a resumed stage writes what an uninterrupted one would; the model is taken from the bank at the first
+    call, so a step that writes nothing (`decompose="given"`) loads no model."""
+
+    def complete(texts: Sequence[str], settings: GenerationSettings, desc: str) -> list[Generation]:
+        if index is not None:
+            settings = dataclasses.replace(settings, seed=shards.shard_seed(settings.seed, index))
+        with ctx.shared.bank.use(start_policy(ctx)) as model:
+            return coarse.writer(model, ctx.shared.tokenizer)(texts, settings, desc)
+
+    return complete
+
+
+def shard_counts(summary: shards.ShardSummary) -> dict[str, Any]:
+    """A sharded step's counts summed over its shards (what one call over all rows counts), plus the sharding
+    under `shards` (a dict, so the survival table leaves it out)."""
+    counts: dict[str, Any] = {**summary.counts}
+    counts.setdefault("kept", 0)  # an empty input has no shard to count it
+    counts["shards"] = {"total": len(summary.shards), "resumed": summary.resumed}
+    return counts
+
+
+def run_shards(ctx: StageContext, rows: Iterable[Row], work: shards.Work, **options: Any) -> shards.ShardSummary:
+    """`shards.run_sharded` into the stage's folder, tagged with its fingerprint."""
+    size = ctx.config.shard_size
+    return shards.run_sharded(ctx.dir, rows, size, work, fingerprint=ctx.fingerprint, desc=ctx.stage.name, **options)
+
+
+# -- the stages -----------------------------------------------------------------------------------------------
+
+
+def instructions(ctx: StageContext) -> dict[str, Any]:
+    """The complex instructions: a sample of a pool, or written by the starting policy ("self")."""
+    c = ctx.config
+    if c.instructions == SELF_INSTRUCT:
+        records, counts = coarse.self_instruct(
+            c.n or 24, ctx.shared.tokenizer, policy_writer(ctx), c.coarse, c.self_instruct_constraints
+        )
+    else:
+        pool = load_instructions(c.instructions)
+        records, _ = data.sample_pairs(pool, c.n, c.seed)  # any list samples the same way
+        counts = {"available": len(pool), "kept": len(records)}
+    write_jsonl(ctx.dir / INSTRUCTIONS_FILE, records)
+    return counts
+
+
+def coarse_step(ctx: StageContext, step: Callable, rows: Iterable[Row]) -> dict[str, Any]:
+    """A coarse step (`coarse.decompose` / `contrast` / `respond`) over `rows`, one shard at a time."""
+
+    def work(chunk: list[Row], index: int) -> tuple[list[Row], dict[str, int]]:
+        return step(chunk, ctx.shared.tokenizer, policy_writer(ctx, index), ctx.config.coarse)
+
+    return shard_counts(run_shards(ctx, rows, work))
+
+
+def decompose(ctx: StageContext) -> dict[str, Any]:
+    """Step 1: each instruction's input and atomic constraints."""
+    path = ctx.inputs["instructions"].dir / INSTRUCTIONS_FILE
+    return coarse_step(ctx, coarse.decompose, (record for _, record in data.jsonl_records(path)))
+
+
+def contrast(ctx: StageContext) -> dict[str, Any]:
+    """Steps 2–3: the corrupted constraints, and the clean and corrupted instructions x and x′."""
+    return coarse_step(ctx, coarse.contrast, shards.iter_rows(ctx.inputs["decompose"].dir))
+
+
+def respond(ctx: StageContext) -> dict[str, Any]:
+    """Step 4: y_w ~ π(·|x), y_l ~ π(·|x′), the preference rows."""
+    return coarse_step(ctx, coarse.respond, shards.iter_rows(ctx.inputs["contrast"].dir))
+
+
+def weigh_shard(ctx: StageContext, rows: list[Row]) -> tuple[list[Row], dict[str, int]]:
+    """One shard's token weights (no sampling: nothing to seed); memory holds this shard's hidden states only."""
+    x, x_prime = [r["prompt"] for r in rows] * 2, [r["noised_prompt"] for r in rows] * 2
+    y = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    with ctx.shared.bank.use(start_policy(ctx)) as model:
+        weights = tokens.token_weights(model, ctx.shared.tokenizer, x, x_prime, y, ctx.config.weights)
+    kept, counts = tokens.weigh_pairs(rows, weights[: len(rows)], weights[len(rows) :], ctx.config.weights.zero_weights)
+    flat = all_weights(kept)
+    return kept, {**counts, "tokens": len(flat), "zero_weight_tokens": sum(w == 0 for w in flat)}
+
+
+def all_weights(rows: Iterable[Row]) -> list[float]:
+    """Every response token's weight in `rows`, chosen and rejected."""
+    return [w for r in rows for side in ("chosen", "rejected") for w in r[f"{side}_weights"]["weights"]]
+
+
+def token_weights(ctx: StageContext) -> dict[str, Any]:
+    """Each response token's weight: how much the frozen starting policy's prediction depends on the constraints."""
+    rows = shards.iter_rows(ctx.inputs["respond"].dir)
+    summary = run_shards(
+        ctx, rows, lambda chunk, _: weigh_shard(ctx, chunk), stats=lambda r: {"weight": all_weights(r)}
+    )
+    weight = summary.moments.get("weight")
+    return {**shard_counts(summary), "mean_weight": weight.mean if weight and weight.count else 0.0}
+
+
+def start_training(ctx: StageContext) -> None:
+    """The adapter `tdpo` trains, in the same bank: the starting adapter loaded trainable, or a fresh LoRA."""
+    bank, c = ctx.shared.bank, ctx.config
+    if c.adapter is not None:
+        bank.ensure(TRAINED, c.adapter, trainable=True)
+        return
+    if TRAINED in bank.names:
+        bank.drop(TRAINED)
+    bank.add(TRAINED, c.lora, seed=c.dpo.seed)
+
+
+def tdpo(ctx: StageContext) -> dict[str, Any]:
+    """A LoRA adapter trained with token-weighted DPO on the weighted pairs, saved in `tdpo/model`."""
+    c, tokenizer = ctx.config, ctx.shared.tokenizer
+    rows = list(shards.iter_rows(ctx.inputs["token_weights"].dir))
+    if not rows:
+        raise ValueError(
+            "no preference pair survived the coarse steps (see the counts of decompose/contrast/respond); "
+            "raise n, response_max_new_tokens, or use decompose='given' / recombine='template'"
+        )
+    start_training(ctx)
+    result = weighted_dpo.train_bank_tdpo(ctx.shared.bank, TRAINED, tokenizer, rows, c.dpo, ctx.dir / "trainer")
+    saved = {"start_adapter": c.adapter, "lora": asdict(c.lora), "dpo": c.dpo.to_dict(), "weights": asdict(c.weights)}
+    ctx.shared.bank.save(TRAINED, ctx.dir / "model", tokenizer, saved)  # the bank adds base_model, quantization
+    write_json(ctx.dir / "dpo_result.json", result.to_dict())
+    return {**result.counts, "seconds": result.seconds}
+
+
+def sharded(
+    name: str,
+    compute: Callable[[StageContext], dict[str, Any]],
+    reads: tuple[str, ...],
+    needs: str,
+    code: tuple[ModuleType, ...],
+) -> Stage:
+    """A resumable stage over the rows of the stage it needs, in shards of `shard_size`."""
+    return Stage(name, compute, reads=("shard_size", *reads), needs=(needs,), code=code, resumable=True)
+
+
+def musc_stages(config: MuscConfig) -> list[Stage]:
+    """MuSC's stages in order, each declaring exactly what it reads (model, fields, files, prompt code)."""
+    if config.instructions == SELF_INSTRUCT:
+        own = (*MODEL, "instructions", "n", "self_instruct_constraints", "coarse.self_instruct")
+        source = Stage("instructions", instructions, reads=own, code=(coarse, musc_prompts))
+    else:
+        own = ("instructions", "n", "seed")
+        source = Stage("instructions", instructions, reads=own, files=("instructions",), code=(data,))
+    writes = (*MODEL, "coarse.helper") if config.coarse.decompose == "model" else ()  # "given": no model
+    split = ("coarse.decompose", "coarse.min_constraints", *writes)
+    corrupt = (*MODEL, "coarse.corruption", "coarse.seed", "coarse.helper", "coarse.recombine")
+    answer = (*MODEL, "coarse.respond", "coarse.drop_unfinished")
+    train = (*MODEL, "lora", "dpo", "weights")
+    return [
+        source,
+        sharded("decompose", decompose, split, "instructions", (coarse, musc_prompts)),
+        sharded("contrast", contrast, corrupt, "decompose", (coarse, musc_prompts)),
+        sharded("respond", respond, answer, "contrast", (coarse, prompts)),
+        sharded("token_weights", token_weights, (*MODEL, "weights"), "respond", (tokens, prompts)),
+        Stage("tdpo", tdpo, reads=train, needs=("token_weights",), code=(weighted_dpo, prompts)),
+    ]
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class MuscState:
-    """What the stages produced (read back from disk for skipped stages)."""
+    """What the stages produced (read back from their folders, computed now or not)."""
 
     counts: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its counts
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> compute time (when it was computed)
@@ -72,168 +261,52 @@ class MuscState:
     training: DPOResult | None = None
     adapter_dir: Path | None = None
 
+    @classmethod
+    def from_results(cls, results: dict[str, StageResult]) -> MuscState:
+        """The state of the stages run (or skipped) up to `until`, rows loaded from their shards."""
+        state = cls()
+        for name, result in results.items():  # in stage order: token_weights' rows replace respond's
+            state.counts[name], state.seconds[name] = result.manifest["counts"], result.manifest["seconds"]
+            if not result.skipped:
+                state.ran.append(name)
+            if name in ROWS:
+                setattr(state, ROWS[name], list(shards.iter_rows(result.dir)))
+        if "tdpo" in results:
+            state.training = DPOResult(**json.loads((results["tdpo"].dir / "dpo_result.json").read_text()))
+            state.adapter_dir = results["tdpo"].dir / "model"
+        return state
+
     def survival(self) -> list[dict[str, Any]]:
         """How many instructions are left after each step (the table the notes and notebook report)."""
         rows = []
-        for stage, key in (
-            ("instructions", "kept"),
-            ("decompose", "kept"),
-            ("contrast", "kept"),
-            ("respond", "kept"),
-            ("tdpo", "kept"),
-        ):
+        for stage in ("instructions", "decompose", "contrast", "respond", "tdpo"):
             if stage in self.counts:
                 counts = self.counts[stage]
-                dropped = {k: v for k, v in counts.items() if k not in (key, "optimizer_steps") and isinstance(v, int)}
-                rows.append({"step": stage, "left": counts.get(key), "counts": dropped})
+                dropped = {
+                    k: v for k, v in counts.items() if k not in ("kept", "optimizer_steps") and isinstance(v, int)
+                }
+                rows.append({"step": stage, "left": counts.get("kept"), "counts": dropped})
         return rows
 
 
+def check_start_adapter(config: MuscConfig) -> None:
+    """The starting adapter must have been trained on `config.model`: the run's one bank holds that base."""
+    if config.adapter is None:
+        return
+    trained_on = str(read_adapter_config(config.adapter).get("base_model"))
+    if not same_model(trained_on, config.model):
+        allowed = f"an adapter trained on model {config.model!r}; this one was trained on {trained_on!r} (set model)"
+        raise ConfigError([Problem("adapter", "adapter", config.adapter, allowed)], where="MuscConfig")
+
+
 def run_musc(config: MuscConfig, until: str = "tdpo", force: bool = False) -> MuscState:
-    """Run (or resume) the MuSC stages up to and including `until`."""
+    """Run (or resume) the MuSC stages up to and including `until`, after checking the whole config (no model
+    loads before that)."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {', '.join(STAGES)}; got {until!r}")
-    validate(config)  # everything checkable without a model, before the first stage
-    last = STAGES.index(until)
-    tokenizer = load_tokenizer(config.adapter or config.model)
+    validate(config)
+    check_start_adapter(config)
     run = Run(Path(config.runs_dir) / config.run_name / "musc", config.identity(), force=force)
-    state = MuscState()
-    held: dict[str, Any] = {}
-
-    def policy():
-        """The starting policy, frozen (base, or base + adapter), loaded once."""
-        if "policy" not in held:
-            if config.adapter:
-                held["policy"] = load_adapter(config.adapter, config.quantization)[0]
-            else:
-                held["policy"] = load_model(config.model, config.quantization)
-        return held["policy"]
-
-    def record(stage) -> None:
-        state.counts[stage.name] = stage.manifest["counts"]
-        state.seconds[stage.name] = stage.manifest["seconds"]
-        if not stage.skipped:
-            state.ran.append(stage.name)
-
-    def finish(stage, rows_file: str) -> list[dict[str, Any]]:
-        record(stage)
-        return data.load_jsonl(stage.dir / rows_file)
-
-    # -- instructions: from a pool, or written by the policy
-    def do_instructions(out: Path) -> dict[str, Any]:
-        if config.instructions == SELF_INSTRUCT:
-            records, counts = self_instruct(
-                config.n or 24, tokenizer, writer(policy(), tokenizer), config.coarse, config.self_instruct_constraints
-            )
-        else:
-            records = load_instructions(config.instructions)
-            picked, _ = data.sample_pairs(records, config.n, config.seed)  # any list samples the same way
-            counts = {"available": len(records), "kept": len(picked)}
-            records = picked
-        write_jsonl(out / "instructions.jsonl", records)
-        return counts
-
-    inputs_config = {"instructions": config.instructions, "n": config.n, "seed": config.seed}
-    if config.instructions == SELF_INSTRUCT:
-        inputs_config |= {"constraints": config.self_instruct_constraints, "gen": asdict(config.coarse.self_instruct)}
-    stage = run.stage("instructions", inputs_config, {}, do_instructions)
-    records = finish(stage, "instructions.jsonl")
-    previous = stage
-
-    # -- decompose / contrast / respond: the coarse steps, each reading the previous stage's rows
-    coarse, helper = config.coarse, asdict(config.coarse.helper)
-    steps = (  # (stage, function, output file, the settings that stage depends on)
-        ("decompose", decompose, "decompositions.jsonl", {"decompose": coarse.decompose, "helper": helper}),
-        (
-            "contrast",
-            contrast,
-            "contrasts.jsonl",
-            {"recombine": coarse.recombine, "corruption": asdict(coarse.corruption), "helper": helper},
-        ),
-        ("respond", respond, "preferences.jsonl", {"respond": asdict(coarse.respond), "drop": coarse.drop_unfinished}),
-    )
-    shared = {"min_constraints": coarse.min_constraints, "seed": config.seed}
-    for k, (name, step, rows_file, own) in enumerate(steps, start=1):
-        if k > last:
-            break
-
-        def do_step(out: Path, step=step, rows=records, rows_file=rows_file) -> dict[str, Any]:
-            produced, counts = step(rows, tokenizer, writer(policy(), tokenizer), config.coarse)
-            write_jsonl(out / rows_file, produced)
-            return counts
-
-        stage = run.stage(name, {**shared, **own}, {"previous": previous.fingerprint}, do_step)
-        records = finish(stage, rows_file)
-        setattr(
-            state, {"decompose": "decompositions", "contrast": "contrasts", "respond": "preferences"}[name], records
-        )
-        previous = stage
-
-    # -- token_weights: how much each response token depends on the constraints (frozen starting policy)
-    if last >= STAGES.index("token_weights"):
-
-        def do_weights(out: Path) -> dict[str, Any]:
-            rows = [dict(r) for r in records]
-            if rows:
-                x = [r["prompt"] for r in rows] * 2
-                x_prime = [r["noised_prompt"] for r in rows] * 2
-                y = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-                weights = token_weights(policy(), tokenizer, x, x_prime, y, config.weights)
-                for r, w_chosen, w_rejected in zip(rows, weights[: len(rows)], weights[len(rows) :], strict=True):
-                    r["chosen_weights"], r["rejected_weights"] = w_chosen.to_dict(), w_rejected.to_dict()
-            write_jsonl(out / "preferences.jsonl", rows)
-            flat = [w for r in rows for side in ("chosen", "rejected") for w in r[f"{side}_weights"]["weights"]]
-            return {
-                "pairs": len(rows),
-                "tokens": len(flat),
-                "mean_weight": sum(flat) / len(flat) if flat else 0.0,
-                "zero_weight_tokens": sum(w == 0 for w in flat),
-            }
-
-        stage = run.stage("token_weights", asdict(config.weights), {"previous": previous.fingerprint}, do_weights)
-        records = state.preferences = finish(stage, "preferences.jsonl")
-        previous = stage
-
-    # -- tdpo: a LoRA adapter trained with token-weighted DPO on the weighted pairs
-    if last >= STAGES.index("tdpo"):
-
-        def do_tdpo(out: Path) -> dict[str, Any]:
-            if not records:
-                raise ValueError(
-                    "no preference pair survived the coarse steps (see the counts of decompose/contrast/respond); "
-                    "raise n, response_max_new_tokens, or use decompose='given' / recombine='template'"
-                )
-            held.pop("policy", None)  # training loads its own trainable copy
-            gc.collect()
-            if config.adapter:  # TRL keeps a frozen copy of the starting adapter as the reference
-                model, peft_config = load_adapter(config.adapter, config.quantization, is_trainable=True)[0], None
-            else:  # a fresh adapter: the reference is the base with the adapter disabled
-                model, peft_config = (
-                    prepare_for_lora(load_model(config.model, config.quantization)),
-                    lora_config(config.lora),
-                )
-            model, result = train_tdpo(model, tokenizer, records, config.dpo, out / "trainer", peft_config)
-            if "ref" in model.peft_config:  # TRL's frozen copy of a starting adapter: not part of the result
-                model.delete_adapter("ref")
-            saved = {
-                "base_model": config.model,
-                "quantization": config.quantization,
-                "start_adapter": config.adapter,
-                "lora": asdict(config.lora),
-                "dpo": config.dpo.to_dict(),
-                "weights": asdict(config.weights),
-            }
-            save_adapter(model, tokenizer, out / "model", saved)
-            write_json(out / "dpo_result.json", result.to_dict())
-            return {**result.counts, "seconds": result.seconds}
-
-        stage = run.stage(
-            "tdpo",
-            {"lora": asdict(config.lora), "dpo": config.dpo.to_dict()},
-            {"previous": previous.fingerprint},
-            do_tdpo,
-        )
-        record(stage)
-        state.training = DPOResult(**json.loads((stage.dir / "dpo_result.json").read_text()))
-        state.adapter_dir = stage.dir / "model"
-    return state
+    bank = ModelBank(config.model, config.quantization, config.dpo.gradient_checkpointing)  # loads on first use
+    shared = Shared(load_tokenizer(config.adapter or config.model), bank)
+    return MuscState.from_results(run.execute(musc_stages(config), config, until, shared))

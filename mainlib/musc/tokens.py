@@ -10,8 +10,10 @@ the clean instruction x and the corrupted one x′ (same response prefix y_<t):
 
 and turn it into a weight  w_t = clip(m_t / mean_t(m_t), 0, w_max)  (mean ≈ 1, in [0, w_max]). When the
 mean is not positive (x′ = x, or a PMI that is negative on average) there is no constraint signal and
-every weight is 0. Prompt tokens are never weighted: the weights cover the response tokens exactly as
-`prompts.encode` tokenises them (EOS included), and `sequence_weights` pads the prompt with zeros.
+every weight is 0; `weigh_pairs` then follows `zero_weights` (weight 1 on every token, or drop the pair),
+since a sequence of zeros would silently leave its pair one-sided. Prompt tokens are never weighted: the
+weights cover the response tokens exactly as `prompts.encode` tokenises them (EOS included), and
+`sequence_weights` pads the prompt with zeros.
 
 Distributions are computed `head_chunk` positions at a time, so no (length, vocabulary) tensor is built for
 a whole sequence, let alone a batch.
@@ -19,9 +21,9 @@ a whole sequence, let alone a batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -31,6 +33,8 @@ from mainlib.scoring import ScoringSettings, backbone_and_head, chunked_log_soft
 
 WeightMode = Literal["none", "kl", "reverse_kl", "bikl", "pmi"]
 WEIGHT_MODES = ("none", "kl", "reverse_kl", "bikl", "pmi")
+ZeroWeights = Literal["uniform", "drop"]
+ZERO_WEIGHTS = ("uniform", "drop")
 
 
 @dataclass
@@ -42,6 +46,13 @@ class TokenWeightSettings:
         metadata={"help": "none (plain DPO) | kl | reverse_kl | bikl | pmi", "name": "weight_mode"},
     )
     w_max: float = field(default=2.0, metadata={"help": "upper clip of a token weight", "range": "(0, inf)"})
+    zero_weights: ZeroWeights = field(
+        default="uniform",
+        metadata={
+            "help": "a response whose weights are all 0 (no constraint signal): uniform = weight 1 on each of its "
+            "tokens (plain DPO for it); drop = drop the pair"
+        },
+    )
     scoring: ScoringSettings = field(
         default_factory=ScoringSettings, metadata={"help": "batching of the reference model's forward passes"}
     )
@@ -136,3 +147,40 @@ def sequence_weights(encoded: Encoded, weights: TokenWeights) -> list[float]:
     if tuple(encoded.target_ids) != weights.token_ids:
         raise ValueError("these weights belong to another tokenisation of the response")
     return [0.0] * encoded.prompt_len + list(weights.weights)
+
+
+def is_zero(weights: TokenWeights) -> bool:
+    """Whether a response carries no weight at all (mean m_t <= 0): its DPO reward would be 0 whatever it says."""
+    return not any(weights.weights)
+
+
+def uniform(weights: TokenWeights) -> TokenWeights:
+    """Weight 1 on every token (plain DPO for this response); the measure is kept, to show why."""
+    return replace(weights, weights=(1.0,) * len(weights.token_ids))
+
+
+def weigh_pairs(
+    rows: Sequence[Mapping[str, Any]],
+    chosen: Sequence[TokenWeights],
+    rejected: Sequence[TokenWeights],
+    zero_weights: ZeroWeights,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The preference rows with `chosen_weights` / `rejected_weights`, and counts.
+
+    A response with all weights 0 would make its pair one-sided (only the other response moves the loss), so
+    it gets weight 1 everywhere (`uniform`) or its pair is dropped (`drop`); `zero_weight_sequences` counts
+    such responses, `dropped_zero_weights` the pairs dropped.
+    """
+    if zero_weights not in ZERO_WEIGHTS:
+        raise ValueError(f"zero_weights must be one of {', '.join(ZERO_WEIGHTS)}; got {zero_weights!r}")
+    out, counts = [], {"pairs": len(rows), "zero_weight_sequences": 0, "dropped_zero_weights": 0}
+    for row, *pair in zip(rows, chosen, rejected, strict=True):
+        zero = [is_zero(w) for w in pair]
+        counts["zero_weight_sequences"] += sum(zero)
+        if any(zero) and zero_weights == "drop":
+            counts["dropped_zero_weights"] += 1
+            continue
+        w_chosen, w_rejected = (uniform(w) if z else w for w, z in zip(pair, zero, strict=True))
+        out.append({**row, "chosen_weights": w_chosen.to_dict(), "rejected_weights": w_rejected.to_dict()})
+    counts["kept"] = len(out)
+    return out, counts
