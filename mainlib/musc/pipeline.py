@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mainlib import data, prompts, shards
+from mainlib import data, generate, prompts, shards
 from mainlib.adapters import ModelBank, Shared, same_model
 from mainlib.config import SELF_INSTRUCT, MuscConfig, validate
 from mainlib.generate import Generation, GenerationSettings
@@ -226,7 +226,7 @@ def musc_stages(config: MuscConfig) -> list[Stage]:
     """MuSC's stages in order, each declaring exactly what it reads (model, fields, files, prompt code)."""
     if config.instructions == SELF_INSTRUCT:
         own = (*MODEL, "instructions", "n", "self_instruct_constraints", "coarse.self_instruct")
-        source = Stage("instructions", instructions, reads=own, code=(coarse, musc_prompts))
+        source = Stage("instructions", instructions, reads=own, code=(coarse, musc_prompts, generate))
     else:
         own = ("instructions", "n", "seed")
         source = Stage("instructions", instructions, reads=own, files=("instructions",), code=(data,))
@@ -237,9 +237,9 @@ def musc_stages(config: MuscConfig) -> list[Stage]:
     train = (*MODEL, "lora", "dpo", "weights")
     return [
         source,
-        sharded("decompose", decompose, split, "instructions", (coarse, musc_prompts)),
-        sharded("contrast", contrast, corrupt, "decompose", (coarse, musc_prompts)),
-        sharded("respond", respond, answer, "contrast", (coarse, prompts)),
+        sharded("decompose", decompose, split, "instructions", (coarse, musc_prompts, generate)),
+        sharded("contrast", contrast, corrupt, "decompose", (coarse, musc_prompts, generate)),
+        sharded("respond", respond, answer, "contrast", (coarse, prompts, generate)),
         sharded("token_weights", token_weights, (*MODEL, "weights"), "respond", (tokens, prompts)),
         Stage("tdpo", tdpo, reads=train, needs=("token_weights",), code=(weighted_dpo, prompts)),
     ]
