@@ -323,15 +323,3 @@ class Run:
             if stage.name == until:
                 break
         return results
-
-    def stage(
-        self,
-        name: str,
-        config: dict[str, Any],
-        inputs: dict[str, str],
-        compute: Callable[[Path], dict[str, Any]],
-    ) -> StageResult:
-        """One imperative stage: `compute(stage_dir)` unless a manifest with this config and inputs exists."""
-        key = {"config": config, "inputs": inputs}
-        fp = fingerprint(name, config, inputs)
-        return self._run_one(name, fp, key, lambda: compute(self.dir / name))

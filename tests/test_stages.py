@@ -23,21 +23,23 @@ from mainlib.stages import (
 )
 
 
+def compute_a(ctx: StageContext) -> dict:
+    (ctx.dir / "a.txt").write_text(f"{ctx.config.data}:{ctx.config.alpha}")
+    return {"rows": len(ctx.config.data)}
+
+
+def compute_b(ctx: StageContext) -> dict:
+    (ctx.dir / "b.txt").write_text((ctx.inputs["a"].dir / "a.txt").read_text().upper())
+    return {}
+
+
+CHAIN = [Stage("a", compute_a, reads=("alpha", "data")), Stage("b", compute_b, needs=("a",))]
+
+
 def pipeline(run: Run, alpha: float, data: str) -> tuple[str, str]:
     """Two chained stages: `a` depends on the data and alpha, `b` on a's output."""
-
-    def compute_a(out: Path) -> dict:
-        (out / "a.txt").write_text(f"{data}:{alpha}")
-        return {"rows": len(data)}
-
-    a = run.stage("a", {"alpha": alpha}, {"data": data}, compute_a)
-
-    def compute_b(out: Path) -> dict:
-        (out / "b.txt").write_text((a.dir / "a.txt").read_text().upper())
-        return {}
-
-    b = run.stage("b", {}, {"a": a.fingerprint}, compute_b)
-    return (a.dir / "a.txt").read_text(), (b.dir / "b.txt").read_text()
+    done = run.execute(CHAIN, Toy(data=data, alpha=alpha))  # Toy: the config dataclass defined below
+    return (done["a"].dir / "a.txt").read_text(), (done["b"].dir / "b.txt").read_text()
 
 
 def test_skip_rerun_and_keep(tmp_path: Path) -> None:
@@ -46,7 +48,8 @@ def test_skip_rerun_and_keep(tmp_path: Path) -> None:
     assert pipeline(run, 0.1, "xy") == ("xy:0.1", "XY:0.1")
     assert run.calls == {"a": 1, "b": 1}
     manifest = json.loads((tmp_path / "run" / "a" / MANIFEST).read_text())
-    assert manifest["counts"] == {"rows": 2} and manifest["config"] == {"alpha": 0.1} and "versions" in manifest
+    assert manifest["counts"] == {"rows": 2} and manifest["config"] == {"alpha": 0.1, "data": "xy"}
+    assert "versions" in manifest
 
     again = Run(tmp_path / "run", identity)
     pipeline(again, 0.1, "xy")
@@ -81,12 +84,12 @@ def test_killed_stage_is_redone(tmp_path: Path) -> None:
 def test_failing_stage_writes_no_manifest(tmp_path: Path) -> None:
     run = Run(tmp_path / "run", {"model": "tiny"})
 
-    def boom(out: Path) -> dict:
-        (out / "started").write_text("")
+    def boom(ctx: StageContext) -> dict:
+        (ctx.dir / "started").write_text("")
         raise RuntimeError("out of memory")
 
     with pytest.raises(RuntimeError):
-        run.stage("a", {}, {}, boom)
+        run.execute([Stage("a", boom)], Toy())
     assert not (tmp_path / "run" / "a" / MANIFEST).exists()
 
 
