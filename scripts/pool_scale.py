@@ -120,7 +120,7 @@ def main() -> None:
         learning_rate=2e-2,
         epochs=4.0,
         rounds=0,
-        synthesis_max_new_tokens=96,
+        synthesis_max_new_tokens=32,
         synthesis_max_batch_size=128,
         shard_size=args.shard_size,
     )
