@@ -29,7 +29,7 @@ import yaml
 
 from mainlib import data
 from mainlib.generate import GenerationSettings
-from mainlib.models import LoraSettings, Quantization, check_model_name
+from mainlib.models import LoraSettings, Quantization, check_model_available
 from mainlib.musc.coarse import CoarseSettings
 from mainlib.musc.tdpo import DPOSettings
 from mainlib.musc.tokens import TokenWeightSettings
@@ -385,8 +385,8 @@ def build(cls: type[T], recipe: str | Path | Mapping | None = None, /, **flat: A
 
 def _check_model(value: str) -> str | None:
     try:
-        check_model_name(value)
-    except ValueError as e:
+        check_model_available(value)
+    except (ValueError, OSError) as e:  # OSError: the cache the bundled model is converted into
         return str(e)
     return None
 

@@ -31,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mainlib.paths import cache_dir
+from mainlib.paths import cache_dir, writable_cache
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def convert_bundled_model(key: str, force: bool = False) -> Path:
     if (target / "config.json").is_file() and not force:
         return target
     gguf = _bundled_gguf_path(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    writable_cache("models")
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
         logger.info("converting %s -> %s (once)", gguf, target)
@@ -168,6 +168,51 @@ def check_model_name(name_or_path: str) -> None:
         f"model {name_or_path!r} is not a bundled key ({', '.join(BUNDLED_MODELS)}), not an existing local "
         f"folder (no such folder), and not a hub id of the form owner/name.{hint}"
     )
+
+
+def check_model_available(name_or_path: str) -> None:
+    """`check_model_name`, then whether the model can be loaded from where it would come from (no download):
+    a local folder must hold a saved model, a hub id must be in the local hub cache or on a reachable hub, a
+    bundled model not yet converted needs a writable `$MAINLIB_CACHE`. Run by `config.validate`."""
+    check_model_name(name_or_path)
+    if name_or_path in BUNDLED_MODELS:
+        if not (cache_dir() / "models" / name_or_path / "config.json").is_file():
+            writable_cache("models")
+    elif Path(name_or_path).expanduser().is_dir():
+        if not (Path(name_or_path).expanduser() / "config.json").is_file():
+            raise ValueError(
+                f"model folder {name_or_path} has no config.json: a local model is a folder written by "
+                "save_pretrained (config.json, weights, tokenizer)"
+            )
+    else:
+        _check_hub_model(name_or_path)
+
+
+def _check_hub_model(repo_id: str) -> None:
+    """A hub id is fine when its config is in the local hub cache, or the hub answers that it exists."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    instead = f"Use a local model folder or a bundled key ({', '.join(BUNDLED_MODELS)})."
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"model {repo_id!r} is not in the local hub cache ({constants.HF_HUB_CACHE}) and the hub is switched "
+            f"off (HF_HUB_OFFLINE=1): download it once with the hub on. {instead}"
+        )
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        raise ValueError(f"model {repo_id!r} is gated: accept its licence on the hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"model {repo_id!r}: no such model on the hub (private? set HF_TOKEN). {instead}") from None
+    except Exception as e:  # the network, DNS, a proxy: anything that means "cannot ask the hub"
+        raise ValueError(
+            f"model {repo_id!r} is not in the local hub cache and the hub cannot be reached "
+            f"({type(e).__name__}: {e}). {instead}"
+        ) from None
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -333,7 +378,17 @@ def save_adapter(
         _save_one_adapter(model, adapter_name, out)
     tokenizer.save_pretrained(out)
     (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+    _sort_target_modules(out / "adapter_config.json")
     return out
+
+
+def _sort_target_modules(peft_config: Path) -> None:
+    """peft writes `target_modules`, a set, in hash order, which changes from process to process: sorted, the
+    same adapter is the same bytes (a resumed run compares equal to an uninterrupted one)."""
+    saved = json.loads(peft_config.read_text())
+    if isinstance(saved.get("target_modules"), list):
+        saved["target_modules"] = sorted(saved["target_modules"])
+        peft_config.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def _save_one_adapter(model, adapter_name: str, out: Path) -> None:

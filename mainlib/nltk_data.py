@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mainlib.paths import cache_dir
+from mainlib.paths import cache_dir, writable_cache
 
 PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "sent_starters.txt", "ortho_context.tab")
 
@@ -45,6 +45,8 @@ def provision_punkt(root: str | Path | None = None, force: bool = False) -> Path
     """Write `<root>/tokenizers/punkt_tab/english/` (atomically: temp folder, then rename); return `root`."""
     root = Path(root) if root is not None else nltk_data_dir()
     target = root / "tokenizers" / "punkt_tab" / "english"
+    if root == nltk_data_dir() and not target.is_dir():
+        writable_cache("nltk_data")  # a clear error naming MAINLIB_CACHE, not a bare OSError from mkdir
     if target.is_dir() and not force and all((target / name).is_file() for name in PUNKT_FILES):
         return root
     target.parent.mkdir(parents=True, exist_ok=True)

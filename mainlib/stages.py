@@ -20,17 +20,26 @@ atomically. The runner:
   missing shard) and moves an unfinished attempt of another fingerprint aside;
 - reruns everything with `force=True`.
 A run directory made for another model or data (`run.json`) is an error that says what to change.
+
+One process at a time works in a run directory: `execute` holds an exclusive lock on `<run>/.lock` (see
+`RunLock`); a second process fails at once, naming the holder. A finished run on read-only storage opens
+for reading: nothing is written when every stage is up to date.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import inspect
 import json
+import os
 import shutil
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -42,10 +51,19 @@ from mainlib.results import package_versions, write_json
 MANIFEST = "manifest.json"
 ATTEMPT = "attempt.json"
 SUPERSEDED = "_superseded"
+LOCK = ".lock"
 
 
 class RunMismatchError(ValueError):
     """The run directory belongs to another experiment."""
+
+
+class RunLocked(RuntimeError):
+    """Another live process is working in this run directory."""
+
+
+class RunReadOnly(PermissionError):
+    """The run directory cannot be written, and a stage still has to be computed."""
 
 
 class UndeclaredRead(AttributeError):
@@ -203,6 +221,51 @@ def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+class RunLock:
+    """An exclusive lock on a run directory, held by one process while it works there.
+
+    `flock` on `<run>/.lock`: the kernel drops it when the holder dies (kill -9 included), so a stale lock
+    of a dead process is simply acquired again, atomically, by the next process. The file holds the
+    holder's pid, host and start time, for the message the second process gets; a lock file that still
+    names a holder when acquired was left by a process that died.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open until release)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that is starting"
+            handle.close()
+            raise RunLocked(
+                f"{self.path.parent} is in use by another process ({holder}). Wait for it to finish, or "
+                "choose another run_name."
+            ) from None
+        handle.seek(0)
+        if previous := handle.read().strip():
+            print(f"[run] taking over the lock of a process that is gone ({previous})")
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        """Empty the file (an empty lock file means a clean exit), then unlock."""
+        if self._file is not None:
+            self._file.truncate(0)
+            self._file.flush()
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
 class Run:
     """A run directory and its stages. `identity` (base model, data) is fixed for the life of the directory."""
 
@@ -221,6 +284,7 @@ class Run:
             )
         self.identity = identity  # written to run.json when the first stage completes: a run whose inputs fail
         # before that leaves no claim on the directory, so fixing the data file and rerunning just works
+        self.read_only: OSError | None = None  # why the directory cannot be written, when it cannot
 
     def status(self, name: str, fp: str) -> str:
         """ "done" (manifest matches), "kept" (in _superseded/), "partial" (same attempt), "stale" or "new"."""
@@ -291,9 +355,29 @@ class Run:
         (stage_dir / ATTEMPT).unlink(missing_ok=True)
         return StageResult(name, stage_dir, False, manifest)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the run's lock while working in it; on read-only storage, go on for reading only."""
+        lock = RunLock(self.dir)
+        try:
+            lock.acquire()
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            self.read_only = e  # fine while every stage is up to date: `_run_one` checks before any write
+        try:
+            yield
+        finally:
+            lock.release()
+
     def _run_one(
         self, name: str, fp: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]], resumable: bool = False
     ) -> StageResult:
+        if self.read_only and self.status(name, fp) != "done":
+            raise RunReadOnly(
+                f"{self.dir} cannot be written ({self.read_only.strerror}) and stage {name!r} is not up to date "
+                "with this config: copy the run to writable storage, or ask only for the finished stages (`until`)."
+            )
         state = self._prepare(name, fp, resumable)
         if state in ("done", "kept"):
             if state == "done":
@@ -307,6 +391,12 @@ class Run:
         if until is not None and until not in names:
             raise ValueError(f"until must be one of {', '.join(names)}; got {until!r}")
         fingerprints = plan(stages, config)
+        with self._locked():
+            return self._execute(stages, config, until, shared, fingerprints)
+
+    def _execute(
+        self, stages: Sequence[Stage], config: Any, until: str | None, shared: Any, fingerprints: dict[str, str]
+    ) -> dict[str, StageResult]:
         results: dict[str, StageResult] = {}
         for stage in stages:
             key = stage_key(stage, config, fingerprints)

@@ -8,33 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from mainlib.generate import GenerationSettings
-from mainlib.models import LoraSettings
 from mainlib.mutual import MainSettings
 from mainlib.pipeline import PipelineConfig, run_main
-from mainlib.sft import SFTHyperparameters
 from mainlib.stages import RunMismatchError
 
 
 @pytest.fixture()
-def config(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path) -> PipelineConfig:
-    """Four seed pairs, learned by heart (see `tiny_pool`), and a round that barely moves the models."""
-    return PipelineConfig(
-        run_name="tiny",
-        runs_dir=str(tmp_path / "runs"),
-        model=str(tiny_model_dir),
-        pool_data=str(tiny_pool),
-        n_seed=4,
-        n_pool=None,
-        max_length=160,
-        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
-        sft=SFTHyperparameters(learning_rate=2e-2, epochs=8, batch_size=4, warmup=0, scheduler="constant"),
-        round_sft=SFTHyperparameters(learning_rate=1e-4, epochs=1, batch_size=4),
-        final_sft=SFTHyperparameters(learning_rate=1e-3, epochs=1),  # the demo's, not the spec's 1e-5 x 32
-        main=MainSettings(rounds=1, top_fraction=0.5),
-        round_generation=GenerationSettings(max_new_tokens=160),
-        synthesis=GenerationSettings(max_new_tokens=160, temperature=0.0),  # greedy: the seed-learned instructions
-    )
+def config(main_config: PipelineConfig) -> PipelineConfig:
+    return main_config
 
 
 def test_end_to_end_then_resume_then_rerun(config: PipelineConfig) -> None:
