@@ -1,24 +1,48 @@
 """Running model-written code for HumanEval, without the hub: lm-eval 0.4.13's metric loads `code_eval`
 through `evaluate.load`, which needs the network. This is our own replacement.
 
-Each program (prompt + completion + the problem's tests + `check(entry_point)`) runs in its own Python
-subprocess: isolated mode (`-I`), a fresh temporary directory as cwd and HOME, an environment holding
-nothing but PATH and locale (no tokens or keys), a wall-clock timeout that kills the whole process group,
-and `resource` limits on memory, file size, core dumps and CPU time. This limits accidents (infinite
-loops, memory blow-ups, stray files); it is not a security sandbox against hostile code, so it only runs
-after an explicit opt-in (`allow_code_execution=True`, or `MAINLIB_ALLOW_CODE_EXECUTION=1`).
+Each program (prompt + completion + the problem's tests + `check(entry_point)`) runs as `python -I` under a
+small launcher process (`mainlib/_exec_launcher.py`), in a fresh temporary directory (its cwd, HOME and TMPDIR)
+with an environment of PATH and locale only. What the runner contains:
+
+- time: a wall-clock timeout per program, after which the program and every process it started are killed,
+  also those that left its process group or session (setsid, daemons); the leftovers of a program that
+  exited on its own are killed too. `run_program` returns within about the timeout plus a second.
+- processes and secrets: where the kernel allows unprivileged user namespaces (probed once, see
+  `available_isolation`; true on this project's machines), the program runs in new user, PID, mount,
+  network and IPC namespaces with a /proc of its own: it sees no process outside (not the evaluator, not the
+  user's shell), so it can read no other process's environment or command line, signal none, and has no
+  network (it runs as the unmapped uid "nobody" there; what it writes still belongs to the user).
+  Otherwise ("subreaper"), the launcher adopts and kills all descendants, and the evaluator is made
+  non-dumpable while programs run, so same-uid code cannot read its /proc/<pid>/environ or memory (and
+  gdb/py-spy cannot attach meanwhile); its command line and other same-uid processes (the user's shell, the
+  Jupyter server) stay readable then.
+- resources: address space (`memory_mb`), CPU time, 16 MB per written file, no core dumps; no capabilities
+  and no_new_privs (setuid programs such as sudo do not elevate).
+- output: stdout goes to /dev/null, stderr to a file capped at 16 MB of which only the last 2 KB are read,
+  so the evaluator's memory does not grow with what a program prints.
+
+What it does not contain: the file system (a program can read and write whatever the user can, such as
+~/.cache/huggingface/token, ~/.aws/credentials or Jupyter connection files; only file sizes are limited),
+the number of processes (a fork bomb runs until the timeout), the network in the "subreaper" fallback, and
+kernel exploits. It is not a security sandbox against hostile code, so it only runs after an explicit opt-in
+(`allow_code_execution=True`, or `MAINLIB_ALLOW_CODE_EXECUTION=1`).
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import ctypes
+import functools
 import math
 import os
-import resource
-import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +55,9 @@ OPT_IN_MESSAGE = (
     f"{OPT_IN_VARIABLE}=1 (each program runs in a subprocess with a timeout and memory limit, "
     "which is not a security sandbox)."
 )
+LAUNCHER = Path(__file__).with_name("_exec_launcher.py")
+LAUNCHER_GRACE_S = 10.0  # the launcher's own start, cleanup and report, beyond the program's timeout
+Isolation = Literal["auto", "pid-namespace", "subreaper", "process-group"]
 
 
 class CodeExecutionNotAllowed(RuntimeError):
@@ -42,6 +69,7 @@ class ExecutionSettings:
     timeout_s: float = 10.0  # wall clock per program
     memory_mb: int = 2048  # address-space limit per program
     workers: int = 2  # programs run at the same time
+    isolation: Isolation = "auto"  # "auto": the strongest this machine allows (available_isolation())
 
 
 @dataclass(frozen=True)
@@ -63,46 +91,130 @@ def require_opt_in() -> None:
         raise CodeExecutionNotAllowed(OPT_IN_MESSAGE)
 
 
-def _limits(settings: ExecutionSettings):
-    memory = settings.memory_mb * 1024 * 1024
-    cpu = math.ceil(settings.timeout_s) + 1
+class _Undumpable:
+    """The "subreaper" fallback's protection of the evaluator: without a PID namespace, same-uid code could
+    read this process's /proc/<pid>/environ (its initial environment: deleting from os.environ does not
+    help) and memory. Non-dumpable while at least one program runs; the previous setting restored after."""
 
-    def apply() -> None:  # runs in the child, before Python starts
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 
-    return apply
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._previous = 1
+
+    def _prctl(self, option: int, value: int = 0) -> int:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+    @contextlib.contextmanager
+    def during(self, isolation: str) -> Iterator[None]:
+        if isolation != "subreaper" or sys.platform != "linux":
+            yield
+            return
+        with self._lock:
+            if self._running == 0:
+                self._previous = self._prctl(self.PR_GET_DUMPABLE)
+                self._prctl(self.PR_SET_DUMPABLE, 0)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._running == 0:
+                    self._prctl(self.PR_SET_DUMPABLE, self._previous)
+
+
+_UNDUMPABLE = _Undumpable()
+
+
+def _clean_env(tmp: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+
+
+def _stop(launcher: subprocess.Popen) -> None:
+    """End a launcher that overran or whose caller was interrupted: SIGTERM lets it kill the program's
+    processes (or, in a PID namespace, ends them all); SIGKILL if it does not exit."""
+    launcher.terminate()
+    try:
+        launcher.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        launcher.wait()
+
+
+def _report(output: bytes, returncode: int) -> dict:
+    """The launcher's last line, a Python literal. No report is this runner's failure, not the program's: raise."""
+    text = output.decode("utf-8", "replace").strip()
+    try:
+        report = ast.literal_eval(text.splitlines()[-1])
+        if isinstance(report, dict) and "status" in report:
+            return report
+    except (IndexError, SyntaxError, ValueError):
+        pass
+    raise RuntimeError(f"the code runner's launcher failed (exit {returncode}): {text[-1000:]}") from None
+
+
+def _launch(program: str, settings: ExecutionSettings, isolation: str) -> dict | None:
+    """Run one program through the launcher; its report, or None when the launcher itself overran.
+
+    The launcher's stdout is a pipe that only it holds: the program writes to /dev/null and a file."""
+    with tempfile.TemporaryDirectory(prefix="mainlib-exec-", ignore_cleanup_errors=True) as tmp:
+        path = Path(tmp) / "program.py"
+        path.write_text(program, encoding="utf-8")
+        limits = [repr(float(settings.timeout_s)), str(settings.memory_mb)]
+        with subprocess.Popen(
+            [sys.executable, "-I", "-S", str(LAUNCHER), isolation, *limits, str(path)],
+            cwd=tmp,
+            env=_clean_env(tmp),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        ) as launcher:
+            try:
+                output, _ = launcher.communicate(timeout=settings.timeout_s + LAUNCHER_GRACE_S)
+            except subprocess.TimeoutExpired:
+                _stop(launcher)
+                return None
+            except BaseException:  # e.g. KeyboardInterrupt in a notebook: leave nothing running
+                _stop(launcher)
+                raise
+    return _report(output, launcher.returncode)
+
+
+@functools.cache
+def available_isolation() -> str:
+    """The strongest containment this machine allows, probed once by running an empty program:
+    "pid-namespace" (needs unprivileged user namespaces), else "subreaper" (Linux), else "process-group"."""
+    if sys.platform != "linux":
+        return "process-group"
+    try:
+        report = _launch("", ExecutionSettings(), "pid-namespace")
+    except RuntimeError:  # e.g. unshare: Operation not permitted
+        return "subreaper"
+    return "pid-namespace" if report and report["returncode"] == 0 else "subreaper"
+
+
+def _outcome(report: dict | None, settings: ExecutionSettings) -> Outcome:
+    if report and not report.get("cleaned", True):
+        warnings.warn("a program left processes that could not be killed", RuntimeWarning, stacklevel=3)
+    if report is None or report["status"] == "timeout":
+        return Outcome("timeout", f"killed after {settings.timeout_s:g} s")
+    if report["returncode"] == 0:
+        return Outcome("passed", "")
+    return Outcome("failed", report["detail"][-500:])
 
 
 def run_program(program: str, settings: ExecutionSettings | None = None) -> Outcome:
-    """Run one Python program in a limited subprocess; passed = it exited 0 within the timeout."""
+    """Run one Python program under the launcher; passed = it exited 0 within the timeout."""
     require_opt_in()
     settings = settings or ExecutionSettings()
-    with tempfile.TemporaryDirectory(prefix="mainlib-exec-") as tmp:
-        path = Path(tmp) / "program.py"
-        path.write_text(program, encoding="utf-8")
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        process = subprocess.Popen(
-            [sys.executable, "-I", str(path)],
-            cwd=tmp,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_limits(settings),
-            start_new_session=True,  # its own process group: a timeout kills any children too
-        )
-        try:
-            _, stderr = process.communicate(timeout=settings.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            return Outcome("timeout", f"killed after {settings.timeout_s:g} s")
-    if process.returncode == 0:
-        return Outcome("passed", "")
-    return Outcome("failed", stderr.decode("utf-8", "replace")[-500:])
+    isolation = available_isolation() if settings.isolation == "auto" else settings.isolation
+    with _UNDUMPABLE.during(isolation):
+        report = _launch(program, settings, isolation)
+    return _outcome(report, settings)
 
 
 def humaneval_program(completion_with_prompt: str, test_and_check: str) -> str:
