@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mainlib.results import markdown_table, write_json
+from mainlib.yamlfile import load_yaml
 
 
 @dataclass
@@ -50,7 +49,7 @@ class SweepSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> SweepSpec:
         path = Path(path)
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path) or {}
         missing = [k for k in ("name", "notebook", "result", "grid") if k not in raw]
         if missing:
             raise ValueError(f"{path}: missing field(s) {', '.join(missing)}")
