@@ -3,6 +3,9 @@ are checked before a model loads. Fast: no model, and papermill is replaced by a
 
 from __future__ import annotations
 
+import json
+import runpy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,7 @@ import nbformat
 import pytest
 import yaml
 
-from mainlib.sweep import SweepSpec
+from mainlib.sweep import SweepSpec, main
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_03 = REPO / "notebooks" / "03_mutual_filter.ipynb"
@@ -33,6 +36,80 @@ def sweep_file(folder: Path, text: str | None = None, **fields: Any) -> Path:
     path = folder / "sweep.yaml"
     path.write_text(text if text is not None else yaml.safe_dump({**spec, **fields}, sort_keys=False))
     return path
+
+
+# ---- 1. names a notebook does not read ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # a notebook that builds no config: its parameters cell is what papermill sets
+        (dict(grid={"alpah": [0.1, 0.2]}), r"sweep\.yaml: grid\.alpah: tiny\.ipynb has no parameter alpah.*alpha"),
+        (dict(parameters={"bta": 2}, grid={"alpha": [1]}), r"parameters\.bta: .*no parameter bta.*beta"),
+        # both places set beta: which one wins would be silent
+        (dict(parameters={"beta": 2}), r"beta is in both parameters and grid"),
+        # the sweep sets these itself for every point
+        (dict(parameters={"results_dir": "x"}), r"parameters\.results_dir: .*set by the sweep"),
+    ],
+)
+def test_unknown_or_clashing_names_fail_before_the_first_point(tmp_path: Path, fields: dict, message: str) -> None:
+    # old code: the first two ran every point with the default; the last two were silently overridden
+    with pytest.raises(ValueError, match=message):
+        SweepSpec.from_file(sweep_file(tmp_path, **fields))
+
+
+def test_notebook_05_and_03_typos_name_the_sweep_and_close_matches(tmp_path: Path) -> None:
+    # old code: notebook 05 (no from_notebook) accepted `limt` and started evaluating
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "notebook": str(REPO / "notebooks" / "05_evaluate.ipynb"),
+                                    "result": "r", "grid": {"limt": [2]}}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"s\.yaml: grid\.limt: 05_evaluate\.ipynb has no parameter limt.*limit"):
+        SweepSpec.from_file(path)
+    path.write_text(yaml.safe_dump({"name": "s", "notebook": str(NOTEBOOK_03), "result": "r",
+                                    "grid": {"top_fractoin": [0.5]}}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"s\.yaml: grid\.top_fractoin: .*did you mean top_fraction"):
+        SweepSpec.from_file(path)
+
+
+def test_a_notebook_without_a_parameters_cell_is_refused(tmp_path: Path) -> None:
+    # old code: accepted; papermill put the values above the notebook's own, which then overwrote them
+    path = sweep_file(tmp_path)
+    tiny_notebook(tmp_path, tagged=False)
+    with pytest.raises(ValueError, match=r"sweep\.yaml: tiny\.ipynb has no cell tagged `parameters`"):
+        SweepSpec.from_file(path)
+
+
+# ---- 4. the shape of a sweep file --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(grid=[{"alpha": 0.2}]), r"sweep\.yaml: grid must be a mapping of parameter -> list of values"),
+        (dict(grid={"alpha": 0.2}), r"sweep\.yaml: grid\.alpha must be a non-empty list of values.*; got 0\.2"),
+        (dict(grid={}), r"sweep\.yaml: grid must be a mapping .* at least one parameter"),
+        (dict(grid=None), r"sweep\.yaml: grid must be a mapping"),
+        (dict(parameters=["alpha", 1]), r"sweep\.yaml: parameters must be a mapping of parameter -> value"),
+        (dict(metrics="score"), r"sweep\.yaml: metrics must be a list of dotted paths"),
+        (dict(metrics=["score", 3]), r"sweep\.yaml: metrics must be a list of dotted paths .*got \['score', 3\]"),
+        (dict(plot={"x": "beta", "y": "scroe"}), r"sweep\.yaml: plot\.y: 'scroe' is not a column.*beta, score"),
+        (dict(plot={"x": "beta", "y": "score", "colour": "x"}), r"sweep\.yaml: plot keys are x, y, hue; got colour"),
+        (dict(plot={"y": "score"}), r"sweep\.yaml: plot needs x and y"),
+        (dict(name=["a", "b"]), r"sweep\.yaml: name must be a folder name"),
+        (dict(name="../up"), r"sweep\.yaml: name must be a folder name"),
+        (dict(result=None), r"sweep\.yaml: result must be"),
+    ],
+)
+def test_malformed_sweep_files_fail_before_the_first_point(tmp_path: Path, fields: dict, message: str) -> None:
+    # old code: AttributeError / TypeError without the file, or ran (metrics split into letters, no plot)
+    with pytest.raises(ValueError, match=message):
+        SweepSpec.from_file(sweep_file(tmp_path, **fields))
+
+
+def test_a_sweep_file_that_is_not_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"sweep\.yaml: a sweep file is a mapping of fields name, notebook"):
+        SweepSpec.from_file(sweep_file(tmp_path, text="- name: x\n"))
 
 
 # ---- 3. YAML numbers, syntax errors, encodings -------------------------------------------------------
@@ -94,3 +171,66 @@ def test_encodings(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes().replace(b"name: s", b"name: s\n# \xff"))
     with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 text"):
         SweepSpec.from_file(path)
+
+
+# ---- 2. a failed point: exit status, last line, error column -----------------------------------------
+
+
+def fake_papermill(monkeypatch: pytest.MonkeyPatch, result: dict[str, Any] | None = None) -> list[dict]:
+    """papermill replaced: each point writes {"score": alpha * beta}; beta 99 fails like a notebook cell."""
+    import papermill
+
+    calls: list[dict] = []
+
+    def execute_notebook(notebook: str, output: str, parameters: dict, **_: Any) -> None:
+        calls.append(parameters)
+        if parameters.get("beta") == 99:
+            raise RuntimeError("cell 2 failed\nAssertionError: beta 99 is refused")
+        out = Path(parameters["results_dir"]) / parameters["run_name"]
+        out.mkdir(parents=True, exist_ok=True)
+        record = result or {"score": parameters.get("alpha", 0.5) * parameters["beta"]}
+        (out / "tiny.json").write_text(json.dumps(record))
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute_notebook)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: mainlib.sweep is already imported
+def test_a_failed_point_makes_the_process_exit_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # old code: exit status 0, and the ok row had no error column (sweep.md showed no error at all)
+    fake_papermill(monkeypatch)
+    path = sweep_file(tmp_path, grid={"beta": [1, 99]})
+    argv = ["mainlib.sweep", str(path), "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("mainlib.sweep", run_name="__main__")  # what `python -m mainlib.sweep` runs
+    assert exit_.value.code == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "1 of 2 point(s) failed" in last and "sweep.md" in last
+    rows = json.loads((tmp_path / "res" / "s" / "sweep.json").read_text())["rows"]
+    assert [(r["status"], r["error"]) for r in rows] == [("ok", ""), ("failed", "AssertionError: beta 99 is refused")]
+    assert rows[1]["score"] is None
+    table = (tmp_path / "res" / "s" / "sweep.md").read_text()
+    assert "| error |" in table and "beta 99 is refused" in table
+
+
+def test_all_points_ok_exit_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    calls = fake_papermill(monkeypatch)
+    path = sweep_file(tmp_path, parameters={"alpha": 2})
+    assert main([str(path), "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")]) == 0
+    assert "all 2 point(s) ok" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert [c["beta"] for c in calls] == [1, 2] and all(c["alpha"] == 2 for c in calls)
+    rows = json.loads((tmp_path / "res" / "s" / "sweep.json").read_text())["rows"]
+    assert [(r["score"], r["error"]) for r in rows] == [(2, ""), (4, "")]
+
+
+def test_a_metric_missing_from_the_result_fails_its_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # old code: status ok with None in the column, for every point (a typo in a metric looked like data)
+    fake_papermill(monkeypatch, result={"score": 1.0, "counts": {"selected": 3}})
+    path = sweep_file(tmp_path, metrics=["score", "counts.selectd"])
+    assert main([str(path), "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")]) == 1
+    rows = json.loads((tmp_path / "res" / "s" / "sweep.json").read_text())["rows"]
+    assert {r["status"] for r in rows} == {"failed"}
+    assert "counts.selectd" in rows[0]["error"] and "counts.selected" in rows[0]["error"]
