@@ -4,6 +4,7 @@ are checked before a model loads. Fast: no model, and papermill is replaced by a
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import nbformat
 import pytest
 import yaml
 
+from mainlib import models
 from mainlib.sweep import SweepSpec, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,3 +236,77 @@ def test_a_metric_missing_from_the_result_fails_its_point(tmp_path: Path, monkey
     rows = json.loads((tmp_path / "res" / "s" / "sweep.json").read_text())["rows"]
     assert {r["status"] for r in rows} == {"failed"}
     assert "counts.selectd" in rows[0]["error"] and "counts.selected" in rows[0]["error"]
+
+
+# ---- 5. evaluation settings, checked before any model loads ------------------------------------------
+
+
+@pytest.fixture()
+def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(models, "load_tokenizer", refuse)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(limit=0), r"limit must be an int >= 1 \(documents per task\) or a float in \(0, 1\)"),
+        (dict(limit=-3), r"limit must be .*; got -3"),
+        (dict(limit=-0.5), r"limit must be .*; got -0\.5"),
+        # lm-eval 0.4 runs int(limit) documents when limit >= 1: 1.0 would be one document, 2.5 two
+        (dict(limit=1.0), r"limit must be .*lm-eval reads a float >= 1 as int\(limit\) documents; got 1\.0"),
+        (dict(limit=2.5), r"limit must be .*; got 2\.5"),
+        (dict(limit=True), r"limit must be .*; got True"),
+        (dict(limit="5"), r"limit must be .*; got '5'"),
+        (dict(limit=float("inf")), r"limit must be .*; got inf"),
+        # lm-eval runs num_fewshot < 0 as zero-shot and records it as -1 shots
+        (dict(num_fewshot=-1), r"num_fewshot must be an int >= 0 or None; got -1"),
+        (dict(num_fewshot=1.5), r"num_fewshot must be an int >= 0 or None; got 1\.5"),
+        (dict(batch_size=True), r"batch_size must be an int >= 1 or 'auto'; got True"),
+        (dict(max_gen_toks=2.5), r"max_gen_toks must be an int >= 1 or None; got 2\.5"),
+        (dict(generation_slots=True), r"generation_slots must be an int >= 0; got True"),
+        # numpy refuses a negative seed, inside lm-eval, after the model has loaded
+        (dict(seed=-1), r"seed must be an int in \[0, 2\*\*32\); got -1"),
+        (dict(headline="acc"), r"headline must be a mapping benchmark -> 'metric,filter'; got 'acc'"),
+        (dict(tasks=["mmlu", 3]), r"tasks must be a non-empty list of names; got \['mmlu', 3\]"),
+        # papermill -p allow_code_execution false gives the string 'false', which is truthy
+        (dict(allow_code_execution="false"), r"allow_code_execution must be True or False; got 'false'"),
+    ],
+)
+def test_bad_evaluation_settings_fail_before_a_model_loads(no_model_loading, setting: dict, message: str) -> None:
+    from mainlib.evaluate import evaluate
+
+    settings = {"tasks": ["mmlu"], "data": "bundled", **setting}
+    with pytest.raises(ValueError, match=message):
+        evaluate("smollm2-135m-instruct", **settings)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--limit", "0"], r"argument --limit: limit must be an int >= 1"),
+        (["--limit", "-2"], r"argument --limit: limit must be an int >= 1 .*; got -2"),
+        (["--limit", "1.0"], r"argument --limit: limit must be .*; got 1\.0"),
+        (["--num-fewshot", "-1"], r"argument --num-fewshot: num_fewshot must be an int >= 0"),
+        (["--batch-size", "0"], r"argument --batch-size: batch_size must be an int >= 1 or 'auto'; got 0"),
+        (["--seed", "-1"], r"argument --seed: seed must be an int in \[0, 2\*\*32\)"),
+    ],
+)
+def test_cli_settings_are_usage_errors(no_model_loading, capsys, argv: list[str], message: str) -> None:
+    # old code: a ValueError traceback (limit 0, batch size 0) or, for the rest, a run that loaded the model
+    from mainlib.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main(["--tasks", "mmlu", "--data", "bundled", *argv])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_good_limits_pass() -> None:
+    from mainlib.evaluate import EvalSettings
+
+    assert EvalSettings(limit=1).limit == 1 and EvalSettings(limit=0.25).limit == 0.25
+    assert EvalSettings(limit=None, num_fewshot=0, seed=0).num_fewshot == 0
