@@ -25,8 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-import yaml
-
 from mainlib import data
 from mainlib.generate import GenerationSettings
 from mainlib.models import LoraSettings, Quantization, check_model_available
@@ -55,6 +53,7 @@ from mainlib.parameters import (
 )
 from mainlib.scoring import ScoringSettings
 from mainlib.sft import SFTHyperparameters
+from mainlib.yamlfile import load_yaml
 
 __all__ = [
     "ConfigError",
@@ -273,7 +272,7 @@ def load_recipe(cls: type, recipe: str | Path | Mapping[str, Any]) -> Recipe:
         source, raw = "<mapping>", {cls.recipe_section: dict(recipe)}
     else:
         path = recipe_path(recipe)
-        source, raw = str(path), yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        source, raw = str(path), load_yaml(path) or {}
     found: list[Problem] = []
     if not isinstance(raw, dict):
         raise ConfigError([Problem("recipe", "", raw, f"sections {', '.join(CONFIGS)}")], where=source)

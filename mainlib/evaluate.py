@@ -84,7 +84,7 @@ class EvalSettings:
     )
     data: str | None = field(default=None, metadata={"help": "hub, bundled or full; None: hub on CUDA, bundled on CPU"})
     limit: int | float | None = field(
-        default=None, metadata={"help": "documents per task (an int >= 1) or a fraction (0 < f < 1); None: all"}
+        default=None, metadata={"help": "documents per task (an int >= 1) or a share (a float, 0 < f < 1); None: all"}
     )
     num_fewshot: int | None = field(default=None, metadata={"help": "None: each task's own (GSM8K 5, MMLU 0)"})
     batch_size: int | str = field(
@@ -123,16 +123,45 @@ class EvalSettings:
         _check_choice("data", self.data, (None, *TASK_NAMES))
         _check_choice("apply_chat_template", self.apply_chat_template, ("auto", True, False))
         _check_choice("quantization", self.quantization, ("auto", "4bit", "none"))
-        if not self.tasks or isinstance(self.tasks, str):
-            raise ValueError(f"tasks must be a non-empty list of names; got {self.tasks!r}")
-        if self.limit is not None and not (self.limit >= 1 or 0 < self.limit < 1):
-            raise ValueError(f"limit must be an int >= 1, a fraction in (0, 1), or None; got {self.limit!r}")
-        if self.max_gen_toks is not None and self.max_gen_toks < 1:
-            raise ValueError(f"max_gen_toks must be >= 1 or None; got {self.max_gen_toks!r}")
-        if self.generation_slots < 0:
-            raise ValueError(f"generation_slots must be >= 0; got {self.generation_slots!r}")
-        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
-            raise ValueError(f"batch_size must be an int >= 1 or 'auto'; got {self.batch_size!r}")
+        for name in RULES:
+            check_setting(name, getattr(self, name))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# name -> (test, what is allowed): checked when settings are made (function, notebook 05) and per CLI option,
+# so a value lm-eval would misread (limit 1.0: one document; num_fewshot -1: zero-shot recorded as -1 shots)
+# or refuse only after the model has loaded (a negative seed) is an error before anything loads
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tasks": (
+        lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) and t for t in v),
+        "a non-empty list of names",
+    ),
+    "limit": (
+        lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v < 1),
+        "an int >= 1 (documents per task) or a float in (0, 1) (that share of each task), or None (all); "
+        "lm-eval reads a float >= 1 as int(limit) documents",
+    ),
+    "num_fewshot": (lambda v: v is None or (_is_int(v) and v >= 0), "an int >= 0 or None"),
+    "batch_size": (lambda v: (isinstance(v, str) and v == "auto") or (_is_int(v) and v >= 1), "an int >= 1 or 'auto'"),
+    "max_gen_toks": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 or None"),
+    "generation_slots": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2**32, "an int in [0, 2**32)"),
+    "headline": (
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for kv in v.items() for x in kv),
+        "a mapping benchmark -> 'metric,filter'",
+    ),
+    "allow_code_execution": (lambda v: isinstance(v, bool), "True or False"),  # "false" would be truthy
+}
+
+
+def check_setting(name: str, value: Any) -> None:
+    """One setting against its rule in `RULES`; the error names the setting and what is allowed."""
+    test, allowed = RULES[name]
+    if not test(value):
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -559,8 +588,27 @@ def headline_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _number(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value >= 1 and value.is_integer() else value
+    """`20` is 20 documents, `0.25` a quarter of them; `1.0` stays a float (and is refused: lm-eval, one document)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _checked(name: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: convert, then `check_setting`, so a bad value is a usage error naming its option."""
+
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if name in RULES:
+            try:
+                check_setting(name, value)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = name  # argparse: "invalid limit value: 'abc'"
+    return parse
 
 
 def _chat_setting(text: str) -> bool | str:
@@ -605,7 +653,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if f.type == "bool":
             parser.add_argument(flag, action="store_const", const=True, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=CLI_TYPES.get(f.name, str), default=None, help=f.metadata["help"])
+            convert = _checked(f.name, CLI_TYPES.get(f.name, str))
+            parser.add_argument(flag, type=convert, default=None, help=f.metadata["help"])
     args = vars(parser.parse_args(argv))
     model = args.pop("model")
     adapters = parse_adapters(args.pop("adapter"), args.pop("base"), model)

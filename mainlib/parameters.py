@@ -228,7 +228,7 @@ def type_allowed(value: Any, annotation: Any) -> str:
     """The annotated type in words, with a hint when `value` is a number YAML read as text."""
     text = type_name(annotation)
     if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        text += f" (YAML reads {value} as text: write it with a dot, like 5.0e-6)"
+        text += f" ({value!r} is text: write the number without quotes; `papermill -y` needs a dot, like 5.0e-6)"
     return text
 
 

@@ -231,8 +231,10 @@ def test_wrong_types_name_the_parameter(tmp_path: Path) -> None:
         build(MuscConfig, weight_mode="entropy")
     assert build(MainConfig, n_seed=None, epochs=2).sft.epochs == 2  # None where allowed; an int is a float
     recipe = tmp_path / "typed.yaml"
-    recipe.write_text("musc:\n  dpo:\n    learning_rate: 5e-6\n")  # YAML 1.1 reads this as a string
-    with pytest.raises(ConfigError, match=r"musc\.dpo\.learning_rate: got '5e-6'; allowed: float \(YAML reads"):
+    recipe.write_text("musc:\n  dpo:\n    learning_rate: 5e-6\n")  # a number (YAML 1.1 alone: a string)
+    assert build(MuscConfig, recipe).dpo.learning_rate == 5e-6
+    recipe.write_text("musc:\n  dpo:\n    learning_rate: '5e-6'\n")
+    with pytest.raises(ConfigError, match=r"learning_rate: got '5e-6'; allowed: float \('5e-6' is text: write"):
         build(MuscConfig, recipe)
 
 

@@ -26,7 +26,10 @@ def test_lookup_and_spec_errors(tmp_path: Path) -> None:
         SweepSpec.from_file(bad)
     spec = {"name": "x", "notebook": str(REPO / "notebooks" / "03_mutual_filter.ipynb"), "result": "r"}
     bad.write_text(yaml.safe_dump({**spec, "parameters": {"n_auc": 4}, "grid": {"top_fractoin": [0.5]}}))
-    with pytest.raises(ValueError, match=r"has no parameter\(s\) top_fractoin \(did you mean top_fraction"):
+    with pytest.raises(
+        ValueError,
+        match=r"grid\.top_fractoin: 03_mutual_filter\.ipynb has no parameter top_fractoin \(did you mean top_fraction",
+    ):
         SweepSpec.from_file(bad)  # a misspelled name would otherwise run every point with the default
     shipped = SweepSpec.from_file(REPO / "sweeps" / "alpha_x_filter.yaml")
     assert len(shipped.points()) == 4 and Path(shipped.notebook).is_file()
