@@ -1,0 +1,143 @@
+"""Bad records and diverging training (issue 13): a clear error naming file:line and field, never a bare traceback,
+a NaN adapter, or a stage marked complete.
+
+Each table row is one file as a user might hand it over, and what the loader must say about it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mainlib import data
+from mainlib.data import DataError
+
+GOOD = '{"instruction": "a", "response": "b"}\n'
+
+
+def pair_line(weight: str) -> str:
+    return '{"instruction": "c", "response": "d", "weight": ' + weight + "}\n"
+
+
+# (file name, content: str is written as UTF-8, bytes as they are), error, substrings the message must contain
+BAD_FILES = [
+    # 1. record weights: finite and >= 0
+    ("nan.jsonl", GOOD * 2 + pair_line("NaN"), DataError, ["nan.jsonl:3", "'weight'", "finite", ">= 0", "nan"]),
+    ("neg.jsonl", GOOD * 2 + pair_line("-1"), DataError, ["neg.jsonl:3", "'weight'", ">= 0", "-1"]),
+    ("inf.jsonl", GOOD * 2 + pair_line("Infinity"), DataError, ["inf.jsonl:3", "'weight'", "finite", "inf"]),
+    ("e400.jsonl", GOOD * 2 + pair_line("1e400"), DataError, ["e400.jsonl:3", "'weight'", "finite"]),
+    ("bigint.jsonl", GOOD * 2 + pair_line("1" + "0" * 400), DataError, ["bigint.jsonl:3", "'weight'", "finite"]),
+    ("str.jsonl", GOOD * 2 + pair_line('"2"'), DataError, ["str.jsonl:3", "'weight'", ">= 0", "'2'"]),
+    ("null.jsonl", GOOD * 2 + pair_line("null"), DataError, ["null.jsonl:3", "'weight'", ">= 0", "got null"]),
+    ("bool.jsonl", GOOD * 2 + pair_line("true"), DataError, ["bool.jsonl:3", "'weight'", ">= 0"]),
+    ("nan.json", '[\n {"instruction": "a", "response": "b", "weight": NaN}\n]', DataError, ["nan.json:2", "finite"]),
+    ("nan.csv", "instruction,response,weight\na,b,1\nc,d,nan\n", DataError, ["nan.csv:3", "'weight'", "finite"]),
+    ("blank.csv", "instruction,response,weight\na,b,1\nc,d,\n", DataError, ["blank.csv:3", "'weight'", "''"]),
+    ("zeros.jsonl", pair_line("0") + pair_line("0.0"), DataError, ["zeros.jsonl", "weight 0", "nothing to train on"]),
+    # 3. not UTF-8: the line and the byte, and what is required
+    (
+        "latin1.jsonl",
+        (GOOD + '{"instruction": "caf\xe9", "response": "d"}\n').encode("latin-1"),
+        DataError,
+        ["latin1.jsonl:2", "UTF-8", "0xe9", "byte offset 58"],
+    ),
+    (
+        "latin1.csv",
+        "instruction,response\na,b\ncaf\xe9,d\n".encode("latin-1"),
+        DataError,
+        ["latin1.csv:3", "UTF-8", "0xe9", "byte offset 28"],
+    ),
+    (
+        "latin1.json",
+        ('[{"instruction": "a", "response": "b"},\n{"instruction": "\xe9", "response": "d"}]').encode("latin-1"),
+        DataError,
+        ["latin1.json:2", "UTF-8", "0xe9"],
+    ),
+    ("utf16.jsonl", GOOD.encode("utf-16"), DataError, ["utf16.jsonl:1", "UTF-8", "byte offset 0"]),
+    # 3. chat messages: lists of {role, content}, both strings
+    (
+        "num.jsonl",
+        GOOD + '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}\n',
+        DataError,
+        ["num.jsonl:2", "'messages[0].content'", "string", "got int"],
+    ),
+    (
+        "none.jsonl",
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]}\n',
+        DataError,
+        ["none.jsonl:1", "'messages[1].content'", "string", "got null"],
+    ),
+    (
+        "role.jsonl",
+        '{"messages": [{"role": 1, "content": "q"}, {"role": "assistant", "content": "x"}]}\n',
+        DataError,
+        ["role.jsonl:1", "'messages[0].role'", "string", "got int"],
+    ),
+    ("notlist.jsonl", '{"messages": "hello"}\n', DataError, ["notlist.jsonl:1", "'messages'", "list", "got str"]),
+    ("turn.jsonl", '{"messages": [{"role": "user"}]}\n', DataError, ["turn.jsonl:1", "'messages[0]'", "'content'"]),
+    # 3. rows that are not objects, empty files, trailing garbage
+    ("list.jsonl", GOOD + '["a", "b"]\n', DataError, ["list.jsonl:2", "expected an object", "got list"]),
+    ("string.jsonl", GOOD + '"hello"\n', DataError, ["string.jsonl:2", "expected an object", "got str"]),
+    ("nullrow.jsonl", GOOD + "null\n", DataError, ["nullrow.jsonl:2", "expected an object", "got null"]),
+    ("empty.jsonl", "", DataError, ["empty.jsonl", "no records"]),
+    ("spaces.jsonl", "\n  \n\n", DataError, ["spaces.jsonl", "no records"]),
+    ("empty.json", "[]", DataError, ["empty.json", "no records"]),
+    ("empty.csv", "", DataError, ["empty.csv", "no records"]),
+    ("header.csv", "instruction,response\n", DataError, ["header.csv", "no records"]),
+    ("gap.jsonl", GOOD + "\n" + '{"question": "q"}\n', DataError, ["gap.jsonl:3", "its fields: question"]),
+    ("tail.jsonl", GOOD + GOOD.strip() + " xyz\n", DataError, ["tail.jsonl:2", "invalid JSON"]),
+    ("tail.json", '[{"instruction": "a", "response": "b"}]\ngarbage', DataError, ["tail.json:2", "after the array"]),
+    # siblings in the CSV reader: rows of another width, duplicate names, broken quoting
+    ("short.csv", "instruction,response\na,b\nc\n", DataError, ["short.csv:3", "1 field", "header has 2"]),
+    ("wide.csv", "instruction,response\na,b\nc,d,e\n", DataError, ["wide.csv:3", "3 fields", "header has 2"]),
+    ("dup.csv", "instruction,response,response\na,b,c\n", DataError, ["dup.csv:1", "duplicate", "response"]),
+    ("quote.csv", 'instruction,response\na,b\nc,"d\ne,f\n', DataError, ["quote.csv:3", "CSV"]),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "error", "substrings"), BAD_FILES, ids=[row[0] for row in BAD_FILES])
+def test_bad_file_is_one_clear_error(tmp_path: Path, name: str, content, error: type, substrings: list[str]) -> None:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    with pytest.raises(error) as caught:
+        data.load_pairs(path)
+    for part in substrings:
+        assert part in str(caught.value), (part, str(caught.value))
+
+
+# (file name, content, the pairs it holds as (instruction, response, weight))
+GOOD_FILES = [
+    ("zero.jsonl", pair_line("0") + GOOD, [("c", "d", 0.0), ("a", "b", 1.0)]),  # weight 0: read, adds no loss
+    ("bom.jsonl", "\ufeff" + GOOD, [("a", "b", 1.0)]),
+    ("bom.json", '\ufeff[{"instruction": "a", "response": "b"}]', [("a", "b", 1.0)]),
+    ("bom.csv", "\ufeffinstruction,response\na,b\n", [("a", "b", 1.0)]),
+    ("weight.csv", "instruction,response,weight\na,b,2\nc,d,0.5\n", [("a", "b", 2.0), ("c", "d", 0.5)]),
+    ("spaced.csv", "instruction, response\na,b\n", [("a", "b", 1.0)]),
+    ("long.csv", "instruction,response\na," + "x" * 200_000 + "\n", [("a", "x" * 200_000, 1.0)]),
+    ("quoted.csv", 'instruction,response\n"two\nlines","b"\n\nc,d\n', [("two\nlines", "b", 1.0), ("c", "d", 1.0)]),
+    ("gap.jsonl", GOOD + "\n" + GOOD, [("a", "b", 1.0), ("a", "b", 1.0)]),  # a blank line is skipped
+]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), GOOD_FILES, ids=[row[0] for row in GOOD_FILES])
+def test_tolerated_files_load(tmp_path: Path, name: str, content: str, expected: list) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8", newline="")
+    assert [(p.instruction, p.response, p.weight) for p in data.load_pairs(path)] == expected
+
+
+def test_csv_line_numbers_count_quoted_newlines(tmp_path: Path) -> None:
+    """A record spanning lines 2-3 is followed by a bad one on line 4, not on the reader's row 3."""
+    path = tmp_path / "multi.csv"
+    path.write_text('instruction,response,weight\n"a\nb",c,1\nd,e,-2\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"multi\.csv:4: field 'weight'"):
+        data.load_pairs(path)
+
+
+def test_jsonl_records_reports_non_utf8(tmp_path: Path) -> None:
+    """The raw JSONL reader (pipeline files, MuSC instructions) reports the line too."""
+    path = tmp_path / "instructions.jsonl"
+    path.write_bytes(b'{"instruction": "a"}\n{"instruction": "\xff"}\n')
+    with pytest.raises(DataError, match=r"instructions\.jsonl:2: .*UTF-8"):
+        data.load_jsonl(path)
