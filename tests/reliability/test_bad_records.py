@@ -6,12 +6,13 @@ Each table row is one file as a user might hand it over, and what the loader mus
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
 from mainlib import data
-from mainlib.data import DataError
+from mainlib.data import DataError, Pair
 
 GOOD = '{"instruction": "a", "response": "b"}\n'
 
@@ -141,3 +142,38 @@ def test_jsonl_records_reports_non_utf8(tmp_path: Path) -> None:
     path.write_bytes(b'{"instruction": "a"}\n{"instruction": "\xff"}\n')
     with pytest.raises(DataError, match=r"instructions\.jsonl:2: .*UTF-8"):
         data.load_jsonl(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights that reach the trainer without a file (the Python API)
+# --------------------------------------------------------------------------------------------------
+
+WEIGHT_LISTS = [
+    ([1.0, math.nan], ["example 1", "nan", "finite"]),
+    ([1.0, -1.0], ["example 1", "-1.0", ">= 0"]),
+    ([math.inf, 1.0], ["example 0", "inf"]),
+    ([0.0, 0.0], ["every example has weight 0", "nothing to train on"]),
+]
+
+
+@pytest.mark.parametrize(("weights", "substrings"), WEIGHT_LISTS)
+def test_sft_dataset_rejects_bad_weights(tiny_tokenizer, weights: list[float], substrings: list[str]) -> None:
+    from mainlib.sft import SFTSettings, build_dataset
+
+    pairs = [Pair("Name a fruit.", "An apple.", "", w) for w in weights]
+    with pytest.raises(ValueError) as caught:
+        build_dataset(pairs, tiny_tokenizer, SFTSettings(max_length=64))
+    for part in substrings:
+        assert part in str(caught.value), (part, str(caught.value))
+
+
+@pytest.mark.parametrize("bad", [math.nan, -0.5, math.inf])
+def test_dpo_token_weights_must_be_finite_and_non_negative(tiny_tokenizer, bad: float) -> None:
+    from mainlib.musc.tdpo import preference_dataset
+    from mainlib.prompts import encode
+
+    row = {"prompt": "Say hello.", "chosen": "hello", "rejected": "HELLO!"}
+    ids = encode(tiny_tokenizer, "forward", row["prompt"], row["chosen"]).target_ids
+    row["chosen_weights"] = {"token_ids": ids, "weights": [1.0] * (len(ids) - 1) + [bad]}
+    with pytest.raises(ValueError, match=r"pair 0: the chosen token weights .*finite and >= 0"):
+        preference_dataset([row], tiny_tokenizer, 512)
