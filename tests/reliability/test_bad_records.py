@@ -6,13 +6,17 @@ Each table row is one file as a user might hand it over, and what the loader mus
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from mainlib import data
 from mainlib.data import DataError, Pair
+from mainlib.training import StopOnNonFinite, TrainingDiverged
 
 GOOD = '{"instruction": "a", "response": "b"}\n'
 
@@ -177,3 +181,99 @@ def test_dpo_token_weights_must_be_finite_and_non_negative(tiny_tokenizer, bad: 
     row["chosen_weights"] = {"token_ids": ids, "weights": [1.0] * (len(ids) - 1) + [bad]}
     with pytest.raises(ValueError, match=r"pair 0: the chosen token weights .*finite and >= 0"):
         preference_dataset([row], tiny_tokenizer, 512)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. A diverging run stops with TrainingDiverged, and nothing is saved or marked complete
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def pipeline_config(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path):
+    """The tiny MAIN pipeline of tests/test_pipeline.py, with a seed file of our own."""
+    from mainlib.models import LoraSettings
+    from mainlib.pipeline import PipelineConfig
+    from mainlib.sft import SFTHyperparameters
+
+    seed = tmp_path / "seed.jsonl"
+    pairs = [
+        ("Name a fruit.", "An apple."),
+        ("What is 2 + 2?", "4."),
+        ("Say yes.", "Yes."),
+        ("Count to 3.", "1, 2, 3."),
+    ]
+    seed.write_text("".join(json.dumps({"instruction": x, "response": y}) + "\n" for x, y in pairs))
+    return PipelineConfig(
+        run_name="diverge",
+        runs_dir=str(tmp_path / "runs"),
+        model=str(tiny_model_dir),
+        seed_data=str(seed),
+        pool_data=str(tiny_pool),
+        n_seed=4,
+        n_pool=None,
+        max_length=160,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        sft=SFTHyperparameters(learning_rate=2e-2, epochs=3, batch_size=4, warmup=0, scheduler="constant"),
+    )
+
+
+def test_diverging_stage_raises_and_writes_no_manifest(pipeline_config) -> None:
+    """lr 1e30: step 1 is finite, step 2's gradient is NaN. Seen before: logged loss 0.0, a NaN adapter, stage done."""
+    from mainlib.pipeline import run_main
+
+    pipeline_config.sft.learning_rate = 1e30
+    pipeline_config.sft.logging_steps = 50  # the check is per optimizer step, not per log row
+    with pytest.raises(TrainingDiverged, match=r"step 2 of 3: the gradient norm is nan.*lower learning rate"):
+        run_main(pipeline_config, until="init_sft")
+    stage = Path(pipeline_config.runs_dir) / pipeline_config.run_name / "init_sft"
+    assert (stage.parent / "inputs" / "manifest.json").is_file()
+    assert not (stage / "manifest.json").exists()
+    assert not list(stage.rglob("adapter_model.safetensors")) and not list(stage.rglob("sft_result.json"))
+
+
+def test_nan_weight_in_seed_file_stops_before_any_stage(pipeline_config) -> None:
+    """Seen before: the NaN-weighted seed trained a NaN adapter and init_sft was marked complete."""
+    from mainlib.parameters import ConfigError
+    from mainlib.pipeline import run_main
+
+    Path(pipeline_config.seed_data).write_text(GOOD + pair_line("NaN"))
+    with pytest.raises(ConfigError, match=r"seed\.jsonl:2: field 'weight' must be a finite number >= 0"):
+        run_main(pipeline_config, until="init_sft")
+    assert not (Path(pipeline_config.runs_dir) / pipeline_config.run_name / "init_sft").exists()
+
+
+def test_diverging_dpo_raises(tiny_model_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    from mainlib.models import load_model
+    from mainlib.musc.tdpo import DPOSettings, train_tdpo
+
+    rows = [{"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Apples are red."}] * 2
+    settings = DPOSettings(learning_rate=1e30, epochs=3, batch_size=2, warmup=0.0, scheduler="constant")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    with pytest.raises(TrainingDiverged, match=r"step 2 of 3: the gradient norm is nan"):
+        train_tdpo(load_model(str(tiny_model_dir), "none"), tiny_tokenizer, rows, settings, tmp_path / "t", lora)
+
+
+def callback_args() -> tuple[SimpleNamespace, SimpleNamespace]:
+    return SimpleNamespace(learning_rate=2e-4), SimpleNamespace(global_step=4, max_steps=10)
+
+
+@pytest.mark.parametrize("key", ["loss", "train_loss"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_logged_loss_stops_training(key: str, value: float) -> None:
+    """A loss that is inf while the gradient stays finite (log p = -inf has a finite gradient) shows in the log."""
+    args, state = callback_args()
+    with pytest.raises(TrainingDiverged, match=rf"step 4 of 10: the logged {key} is {value}"):
+        StopOnNonFinite().on_log(args, state, None, logs={key: value, "grad_norm": 1.0})
+    StopOnNonFinite().on_log(args, state, None, logs={key: 1.5})
+
+
+def test_fp16_loss_scaler_overflow_is_not_divergence() -> None:
+    """With fp16 a GradScaler skips steps whose gradients overflow and lowers its scale: that is normal."""
+    layer = torch.nn.Linear(2, 2)
+    layer.weight.grad = torch.full_like(layer.weight, math.inf)
+    args, state = callback_args()
+    StopOnNonFinite().on_pre_optimizer_step(args, state, None, model=layer, optimizer=SimpleNamespace(scaler=object()))
+    with pytest.raises(TrainingDiverged, match=r"step 5 of 10: the gradient norm is inf"):
+        StopOnNonFinite().on_pre_optimizer_step(args, state, None, model=layer, optimizer=SimpleNamespace(scaler=None))
