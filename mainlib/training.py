@@ -77,10 +77,12 @@ def train(trainer, log_keys: Sequence[str]) -> tuple[list[dict[str, float]], int
     `log_keys`), the optimizer steps and the seconds."""
     start = time.perf_counter()
     trainer.add_callback(StopOnNonFinite)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:  # also when it diverged: the stage folder then holds nothing of this run
+        output = Path(trainer.args.output_dir)
+        if output.is_dir() and not any(output.iterdir()):  # TRL makes it, but no checkpoint is saved there
+            output.rmdir()
     seconds = time.perf_counter() - start
-    output = Path(trainer.args.output_dir)
-    if output.is_dir() and not any(output.iterdir()):  # TRL makes it, but no checkpoint is saved there
-        output.rmdir()
     rows = [{k: float(r[k]) for k in log_keys if k in r} for r in trainer.state.log_history if "loss" in r]
     return rows, int(trainer.state.global_step), seconds

@@ -229,6 +229,7 @@ def test_diverging_stage_raises_and_writes_no_manifest(pipeline_config) -> None:
     assert (stage.parent / "inputs" / "manifest.json").is_file()
     assert not (stage / "manifest.json").exists()
     assert not list(stage.rglob("adapter_model.safetensors")) and not list(stage.rglob("sft_result.json"))
+    assert not (stage / "forward" / "trainer").exists()  # not even TRL's empty output folder
 
 
 def test_nan_weight_in_seed_file_stops_before_any_stage(pipeline_config) -> None:
