@@ -407,8 +407,7 @@ def _check_pairs(spec: str, allow_missing_instruction: bool = False) -> str | No
             None if spec.removeprefix("bundled:") in splits else f"bundled:{' | bundled:'.join(splits)}, or {formats}"
         )
     try:
-        for line_no, record in data.read_records(spec):
-            data.record_to_pair(record, f"{spec}:{line_no}", "", allow_missing_instruction)
+        data.load_pairs(spec, allow_missing_instruction=allow_missing_instruction)
     except (OSError, data.DataError) as e:
         return f"{formats} that parses: {e}"
     return None

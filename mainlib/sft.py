@@ -31,6 +31,7 @@ when the model runs a varlen kernel; `python -m bench sft` measures both on a GP
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -194,7 +195,18 @@ def build_dataset(
         counts["target_tokens"] += len(enc.target_ids)
     if counts["examples"] == 0:
         raise ValueError(f"no example has target tokens within max_length={settings.max_length}; raise max_length")
+    check_weights(rows["weight"])
     return Dataset.from_dict(rows), counts
+
+
+def check_weights(weights: Sequence[float]) -> None:
+    """Finite weights >= 0, not all 0: a NaN weight trains a NaN adapter, a negative one trains by gradient ascent,
+    and all zeros train nothing, each without any other sign (pairs built in Python skip the file checks)."""
+    for i, weight in enumerate(weights):
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"example {i} has weight {weight}; weights must be finite and >= 0")
+    if not any(weights):
+        raise ValueError("every example has weight 0, so there is nothing to train on")
 
 
 class WeightedCollator(DataCollatorForLanguageModeling):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import SchedulerType
 
 SCHEDULERS = tuple(s.value for s in SchedulerType)  # the `scheduler` values both trainers accept
@@ -27,16 +29,60 @@ def run_arguments(output_dir: str | Path, seed: int) -> dict[str, Any]:
         save_strategy="no",
         report_to="none",
         dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # on, Trainer logs a NaN step's loss as the mean of the others (0.0 at first)
     )
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN or infinite: training stopped before anything was saved."""
+
+
+def diverged(args: Any, step: int, max_steps: int, what: str, value: float) -> TrainingDiverged:
+    """The error for a non-finite `what` at optimizer `step`, with what to try."""
+    return TrainingDiverged(
+        f"training diverged at optimizer step {step} of {max_steps}: {what} is {value}; nothing was saved. "
+        f"Try a lower learning rate (now {args.learning_rate:g}) and check the data: record weights must be "
+        "finite and >= 0."
+    )
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops training with `TrainingDiverged` at the first non-finite gradient or logged loss.
+
+    The gradient is checked at every optimizer step, before the update, whatever `logging_steps` is: a NaN loss
+    has a NaN gradient, so a NaN never reaches the weights. The logged loss (`logging_nan_inf_filter` off, so a
+    NaN or inf step shows in its row) catches an infinite loss whose gradient is finite. With fp16 a loss scaler
+    skips steps whose gradients overflow and lowers its scale: that is how it works, not divergence.
+    """
+
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        if getattr(optimizer, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(norm):
+            raise diverged(args, state.global_step + 1, state.max_steps, "the gradient norm", norm)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        for key in ("loss", "train_loss"):
+            value = (logs or {}).get(key)
+            if isinstance(value, int | float) and not math.isfinite(value):
+                raise diverged(args, state.global_step, state.max_steps, f"the logged {key}", value)
+
+
 def train(trainer, log_keys: Sequence[str]) -> tuple[list[dict[str, float]], int, float]:
-    """Run `trainer.train()`; return the logged rows (only `log_keys`), the optimizer steps and the seconds."""
+    """Run `trainer.train()`, stopped by `TrainingDiverged` if it diverges; return the logged rows (only
+    `log_keys`), the optimizer steps and the seconds."""
     start = time.perf_counter()
-    trainer.train()
+    trainer.add_callback(StopOnNonFinite)
+    try:
+        trainer.train()
+    finally:  # also when it diverged: the stage folder then holds nothing of this run
+        output = Path(trainer.args.output_dir)
+        if output.is_dir() and not any(output.iterdir()):  # TRL makes it, but no checkpoint is saved there
+            output.rmdir()
     seconds = time.perf_counter() - start
-    output = Path(trainer.args.output_dir)
-    if output.is_dir() and not any(output.iterdir()):  # TRL makes it, but no checkpoint is saved there
-        output.rmdir()
     rows = [{k: float(r[k]) for k in log_keys if k in r} for r in trainer.state.log_history if "loss" in r]
     return rows, int(trainer.state.global_step), seconds

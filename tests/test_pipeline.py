@@ -60,7 +60,7 @@ def test_until_stops_early_and_humpback_rates(config: PipelineConfig) -> None:
 def test_bad_input_is_one_clear_error(config: PipelineConfig, tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match="the unlabeled pool is empty"):
+    with pytest.raises(ValueError, match=r"pool_data: .*empty\.jsonl: no records \(the file is empty\)"):
         run_main(PipelineConfig(**{**config.__dict__, "pool_data": str(empty)}))
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"response": "  "}\n{"response": ""}\n')

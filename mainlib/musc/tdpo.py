@@ -22,6 +22,7 @@ way: the base with adapters disabled, or a frozen copy of the adapter in the sam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,10 @@ def preference_dataset(
                         "(different tokenizer or template); recompute the token_weights stage"
                     )
                 weights = [float(w) for w in stored["weights"]]
+                if not all(math.isfinite(w) and w >= 0 for w in weights):
+                    raise ValueError(
+                        f"pair {i}: the {side} token weights must be finite and >= 0; recompute the token_weights stage"
+                    )
             counts["responses_cut"] += len(enc.target_ids) > room
             columns[f"{side}_ids"].append(enc.target_ids[:room])
             columns[f"{side}_weights"].append(weights[:room])
