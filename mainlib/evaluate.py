@@ -267,13 +267,13 @@ def check_adapters(model: str, adapters: Mapping[str, str | None]) -> None:
 
 def check_inputs(model: str, adapters: Mapping[str, str | None], s: EvalSettings) -> None:
     """What can be wrong before anything is loaded (task names are checked once lm-eval has indexed them)."""
-    from mainlib.models import check_model_name
+    from mainlib.models import check_model_available
 
     if not adapters:
         raise ValueError("adapters is empty: give at least one label (None is the base model)")
     if "humaneval" in s.tasks and not s.allow_code_execution and os.environ.get(OPT_IN_VARIABLE) != "1":
         raise CodeExecutionNotAllowed(OPT_IN_MESSAGE)
-    check_model_name(model)
+    check_model_available(model)
     check_adapters(model, adapters)
 
 

@@ -189,11 +189,11 @@ def test_dpo_token_weights_must_be_finite_and_non_negative(tiny_tokenizer, bad: 
 
 
 @pytest.fixture()
-def pipeline_config(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path):
-    """The tiny MAIN pipeline of tests/test_pipeline.py, with a seed file of our own."""
+def pipeline_config(main_config, tmp_path: Path):
+    """The tiny MAIN pipeline (tests/conftest.py `main_config`), with a seed file of our own."""
+    import dataclasses
+
     from mainlib.models import LoraSettings
-    from mainlib.pipeline import PipelineConfig
-    from mainlib.sft import SFTHyperparameters
 
     seed = tmp_path / "seed.jsonl"
     pairs = [
@@ -203,18 +203,8 @@ def pipeline_config(tiny_model_dir: Path, tiny_pool: Path, tmp_path: Path):
         ("Count to 3.", "1, 2, 3."),
     ]
     seed.write_text("".join(json.dumps({"instruction": x, "response": y}) + "\n" for x, y in pairs))
-    return PipelineConfig(
-        run_name="diverge",
-        runs_dir=str(tmp_path / "runs"),
-        model=str(tiny_model_dir),
-        seed_data=str(seed),
-        pool_data=str(tiny_pool),
-        n_seed=4,
-        n_pool=None,
-        max_length=160,
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-        sft=SFTHyperparameters(learning_rate=2e-2, epochs=3, batch_size=4, warmup=0, scheduler="constant"),
-    )
+    main_config.sft.epochs, main_config.lora = 3, LoraSettings(r=4, alpha=8, dropout=0.0)
+    return dataclasses.replace(main_config, run_name="diverge", seed_data=str(seed))
 
 
 def test_diverging_stage_raises_and_writes_no_manifest(pipeline_config) -> None:
