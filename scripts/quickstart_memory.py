@@ -2,11 +2,14 @@
 
     python scripts/quickstart_memory.py [--out results/quickstart/peak_memory.json]
 
-Runs the stages each notebook runs, in a fresh process each, with the quickstart recipe in a temporary
-runs folder: 01 `init_sft`, 02 up to `synthesize`, 03 the rest plus its ground-truth check (score the
-held-out pairs with the aligned forward and reverse adapters), 04 MuSC. Reports each process's peak RSS
-(`ru_maxrss`). Written to compare the pipeline before and after sharing one base model among the adapters:
-run it from an older checkout with `PYTHONPATH=<that checkout>` to get the "before" numbers.
+Runs the stages the notebooks run, one fresh process per step, in order, with the quickstart recipe in
+one temporary runs folder (so each step finds the earlier stages on disk and runs only its own): 01
+`init_sft`, 02 the mutual round and synthesis, 03 scoring, selection and the final SFT plus its
+ground-truth check (the aligned forward and reverse adapters score held-out pairs), 04 the MuSC stages.
+Reports each process's peak RSS (`ru_maxrss`) and seconds; a notebook's peak is the largest of its steps.
+Written to compare the pipeline before and after sharing one base model among the adapters:
+for the "before" numbers run it in an older checkout, `cd <checkout> && PYTHONPATH=$PWD python <this script>`
+(from elsewhere, the current directory's `mainlib` would be imported; the record names the one used).
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-STEPS = {
-    "01 init_sft": "from mainlib.pipeline import run_main; run_main(main, until='init_sft')",
-    "02 rounds + synthesize": "from mainlib.pipeline import run_main; run_main(main, until='synthesize')",
-    "03 score, select, final_sft": "from mainlib.pipeline import run_main; run_main(main)",
+STEPS = {  # notebook, then the stage the process runs up to (earlier stages are already on disk: skipped)
+    "01 init_sft": "main_until('init_sft')",
+    "02 round_0": "main_until('round_0')",
+    "02 synthesize": "main_until('synthesize')",
+    "03 score": "main_until('score')",
+    "03 select, final_sft": "main_until('final_sft')",
     "03 ground-truth check": "auc(main)",
-    "04 MuSC": "from mainlib.musc.pipeline import run_musc; run_musc(musc)",
+    "04 instructions ... respond": "from mainlib.musc.pipeline import run_musc; run_musc(musc, until='respond')",
+    "04 token_weights": "from mainlib.musc.pipeline import run_musc; run_musc(musc, until='token_weights')",
+    "04 tdpo": "from mainlib.musc.pipeline import run_musc; run_musc(musc)",
 }
 
 PRELUDE = """
@@ -34,6 +41,13 @@ from mainlib.config import MainConfig, MuscConfig, build
 runs = sys.argv[1]
 main = build(MainConfig, "quickstart", runs_dir=runs, run_name="memory")
 musc = build(MuscConfig, "quickstart", runs_dir=runs, run_name="memory")
+
+def main_until(stage):
+    from mainlib.pipeline import run_main
+    try:
+        run_main(main, until=stage)
+    except ValueError:  # before the v2 core the rounds were one stage, "rounds"
+        run_main(main, until="rounds")
 
 def auc(config):
     # notebook 03's check: the aligned adapters score held-out true and shuffled pairs
@@ -72,7 +86,10 @@ def main() -> None:
     parser.add_argument("--label", default="now", help="what this checkout is, e.g. 'before (1f11171)'")
     args = parser.parse_args()
     runs = tempfile.mkdtemp(prefix="quickstart_memory_")
-    record = {"label": args.label, "python": sys.executable, "steps": {}}
+    which = [sys.executable, "-c", "import mainlib; print(mainlib.__file__)"]
+    where = subprocess.run(which, capture_output=True, text=True)
+    record = {"label": args.label, "mainlib": where.stdout.strip(), "steps": {}}
+    print("mainlib from", record["mainlib"], flush=True)
     for name, code in STEPS.items():
         record["steps"][name] = run_step(code, runs)
         print(name, record["steps"][name], flush=True)
