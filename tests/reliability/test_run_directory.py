@@ -68,21 +68,22 @@ def wait_for_lock(run_dir: Path, child: subprocess.Popen, timeout: float = 120) 
 
 
 def test_kill_at_random_points_then_resume_gives_the_same_outputs(main_config: MainConfig, tmp_path: Path) -> None:
-    """SIGKILL at three random moments of the whole pipeline; each resume ends in the uninterrupted outputs."""
+    """SIGKILL at three random moments of the pipeline up to `score` (data, training and sharded stages); each
+    resume ends in the outputs of the uninterrupted run."""
     main_config.shard_size = 2  # the 4 pool responses: 2 shards per sharded stage
     start = time.monotonic()
-    reference = start_child(main_config, tmp_path)
+    reference = start_child(main_config, tmp_path, until="score")
     assert reference.wait(timeout=900) == 0, reference.stderr.read().decode()[-3000:]
     seconds = time.monotonic() - start
     expected = outputs(Path(main_config.runs_dir) / main_config.run_name)
     assert any(name.endswith("adapter_model.safetensors") for name in expected)
     for seed in (1, 2, 3):
         killed = dataclasses.replace(main_config, run_name=f"killed_{seed}")
-        child = start_child(killed, tmp_path)
+        child = start_child(killed, tmp_path, until="score")
         time.sleep(random.Random(seed).uniform(0.15, 0.85) * seconds)
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=60) in (0, -signal.SIGKILL)
-        run_main(killed)
+        run_main(killed, until="score")
         got = outputs(Path(main_config.runs_dir) / killed.run_name)
         assert sorted(got) == sorted(expected), f"seed {seed}"
         assert [name for name in expected if got[name] != expected[name]] == [], f"seed {seed}"
@@ -92,7 +93,7 @@ def test_a_second_process_fails_at_once_and_a_dead_holder_is_taken_over(
     main_config: MainConfig, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     run_dir = Path(main_config.runs_dir) / main_config.run_name
-    child = start_child(main_config, tmp_path)
+    child = start_child(main_config, tmp_path, until="init_sft")
     holder = wait_for_lock(run_dir, child)
     assert f"pid {child.pid} " in holder and "host" in holder and "started" in holder
     started = time.monotonic()
@@ -102,10 +103,10 @@ def test_a_second_process_fails_at_once_and_a_dead_holder_is_taken_over(
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)
     assert (run_dir / LOCK).read_text() == holder  # the dead process's claim is still written there
-    run_main(main_config)
+    run_main(main_config, until="init_sft")
     assert f"taking over the lock of a process that is gone (pid {child.pid} " in capsys.readouterr().out
     assert (run_dir / LOCK).read_text() == ""  # released cleanly
-    assert (run_dir / "final_sft" / "manifest.json").is_file()
+    assert (run_dir / "init_sft" / "manifest.json").is_file()
 
 
 def test_one_process_cannot_take_its_own_run_twice(tmp_path: Path) -> None:
@@ -147,10 +148,10 @@ def test_a_bad_config_moves_nothing_and_the_old_config_restores(
 
 def test_a_finished_run_opens_without_writing(main_config: MainConfig) -> None:
     run_dir = Path(main_config.runs_dir) / main_config.run_name
-    run_main(main_config)
+    run_main(main_config, until="round_0")
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*") if p.name != LOCK}
-    state = run_main(main_config)
-    assert state.ran == [] and state.selection is not None
+    state = run_main(main_config, until="round_0")
+    assert state.ran == [] and state.sft["round_0_reverse"]["losses"]
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*") if p.name != LOCK} == before
 
 
