@@ -40,6 +40,15 @@ def files(tmp_path: Path) -> dict[str, str]:
     }
 
 
+def rejection(run: Any, config: Any, flat: dict[str, Any], tmp_path: Path) -> str:
+    """The ConfigError message of `run` on `config` with `flat` set ({name} placeholders: the bad `files`)."""
+    paths = files(tmp_path)
+    flat = {k: v.format(**paths) if isinstance(v, str) else v for k, v in flat.items()}
+    with pytest.raises(ConfigError) as error:
+        run(with_flat(config, **flat))
+    return str(error.value)
+
+
 MAIN_CASES = [  # flat overrides ({name} is filled from `files`), then substrings the message must hold
     ({"top_fraction": "abc"}, ["top_fraction (main.top_fraction): got 'abc'", "float"]),
     ({"learning_rate": "1e-3"}, ["learning_rate (sft.learning_rate): got '1e-3'", "float"]),
@@ -60,12 +69,9 @@ MAIN_CASES = [  # flat overrides ({name} is filled from `files`), then substring
 def test_run_main_rejects_before_any_model(
     main_config: MainConfig, tmp_path: Path, load_calls: list[str], flat: dict, expected: list[str]
 ) -> None:
-    paths = files(tmp_path)
-    flat = {k: v.format(**paths) if isinstance(v, str) else v for k, v in flat.items()}
-    with pytest.raises(ConfigError) as error:
-        run_main(with_flat(main_config, **flat))
+    message = rejection(run_main, main_config, flat, tmp_path)
     for text in expected:
-        assert text in str(error.value)
+        assert text in message
     assert load_calls == [] and not (Path(main_config.runs_dir) / main_config.run_name).exists()
 
 
@@ -93,11 +99,8 @@ MUSC_CASES = [
 def test_run_musc_rejects_before_any_model(
     tiny_model_dir: Path, tmp_path: Path, load_calls: list[str], flat: dict, expected: list[str]
 ) -> None:
-    paths = files(tmp_path)
-    flat = {k: v.format(**paths) if isinstance(v, str) else v for k, v in flat.items()}
     config = build(MuscConfig, "quickstart", model=str(tiny_model_dir), runs_dir=str(tmp_path / "runs"))
-    with pytest.raises(ConfigError) as error:
-        run_musc(with_flat(config, **flat))
+    message = rejection(run_musc, config, flat, tmp_path)
     for text in expected:
-        assert text in str(error.value)
+        assert text in message
     assert load_calls == [] and not (tmp_path / "runs").exists()
