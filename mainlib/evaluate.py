@@ -50,7 +50,7 @@ from mainlib.results import provenance, write_json, write_jsonl
 DataSource = Literal["hub", "bundled", "full"]
 Backend = Literal["hf", "vllm"]
 BACKENDS = ("auto", "hf", "vllm")
-# what vLLM accepts as max_lora_rank (vllm/config/lora.py: 1, 8, 16, ..., 512); 1 is left out, 8 covers it
+# what vLLM's LoRA config accepts as max_lora_rank (1, 8, 16, ..., 512); 1 is left out, 8 covers it
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 BENCHMARKS = ("mmlu", "gsm8k", "humaneval", "ifeval")
 
@@ -723,7 +723,8 @@ def compare(
     tasks: Sequence[str] = BENCHMARKS,
     **settings: Any,
 ) -> list[dict[str, Any]]:
-    """Evaluate the base `model` with each labelled adapter (None = the base itself), loading the base once.
+    """Evaluate the base `model` with each labelled adapter (None = the base itself); in one hf process the
+    base is loaded once (data-parallel hf and vllm build one model per label, see the module docstring).
 
     Rows carry their `label`. Everything that can be checked (model name, adapter folders and their base
     model, task names, the HumanEval opt-in, every setting, the backend) is checked before the model is loaded.
