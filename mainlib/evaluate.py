@@ -13,6 +13,18 @@ the one-model case. Settings are `EvalSettings` (the one list of what can be set
 - `data="hub"`: lm-eval's built-in tasks (they download); `"bundled"` / `"full"`: the offline twins in
   `mainlib/tasks/` over the bundled subsets or `$MAINLIB_DATA_DIR`.
 
+Backends (`backend`, default `auto`):
+- `hf`, one process: the base loaded once, adapters switched on it, `mainlib.lm.ContinuousHFLM` around it.
+- `hf`, several processes (`accelerate launch --num_processes N -m mainlib.evaluate ...`, or torchrun):
+  lm-eval's own data parallelism. It needs the model loaded by lm-eval from its name, so each label gets an
+  HFLM with `pretrained=` the base and `peft=` the adapter; lm-eval shards the documents over the processes
+  and gathers results on rank 0, which alone writes files and returns rows (the others return []). It runs
+  on CPU too (gloo; `accelerate launch --multi_gpu` on a CPU box, or torchrun: `accelerate launch --cpu`
+  starts one process), see `mainlib.lm.ContinuousHFLM._join_process_group`.
+- `vllm` (auto picks it when vllm is installed, CUDA is available and one process runs): lm-eval's `vllm`
+  model, one engine per label, each adapter served as a LoRA; `gpu_memory_utilization`,
+  `tensor_parallel_size`, `data_parallel_size` go to vLLM.
+
 Each (label, task) gets one JSON under `results/<run_name>/eval/`: the settings as used, lm-eval's own output,
 response-length statistics of generative tasks, and summary rows (task, metric, value, stderr, n, seconds).
 """
@@ -36,6 +48,10 @@ from mainlib.execution import OPT_IN_MESSAGE, OPT_IN_VARIABLE, CodeExecutionNotA
 from mainlib.results import provenance, write_json, write_jsonl
 
 DataSource = Literal["hub", "bundled", "full"]
+Backend = Literal["hf", "vllm"]
+BACKENDS = ("auto", "hf", "vllm")
+# what vLLM's LoRA config accepts as max_lora_rank (1, 8, 16, ..., 512); 1 is left out, 8 covers it
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 BENCHMARKS = ("mmlu", "gsm8k", "humaneval", "ifeval")
 
 # lm-eval task (or group) name per benchmark and data source
@@ -106,7 +122,27 @@ class EvalSettings:
         default=16,
         metadata={"help": "rows decoded together in greedy generation (continuous batching); 0: lm-eval's own"},
     )
-    quantization: str = field(default="auto", metadata={"help": "auto, 4bit or none"})
+    quantization: str = field(
+        default="auto", metadata={"help": "auto (hf: 4-bit on CUDA, none on CPU; vllm: none), 4bit or none"}
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "hf, vllm, or auto: vllm when the vllm package is installed, CUDA is available and the run is "
+            "one process; under accelerate launch / torchrun hf runs data-parallel (see the module docstring)"
+        },
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "vllm: share of each GPU's memory vLLM takes for weights and KV cache"}
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs each copy of the model is split over"})
+    data_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "vllm: copies of the model, each on tensor_parallel_size GPUs (needs ray); "
+            "hf runs data-parallel under accelerate launch --num_processes N instead"
+        },
+    )
     allow_code_execution: bool = field(default=False, metadata={"help": "needed for humaneval (runs model code)"})
     seed: int = field(default=0, metadata={"help": "lm-eval's python / numpy / torch / few-shot seeds"})
     run_name: str = field(default="eval", metadata={"help": "results go to <results_dir>/<run_name>/eval/"})
@@ -123,6 +159,7 @@ class EvalSettings:
         _check_choice("data", self.data, (None, *TASK_NAMES))
         _check_choice("apply_chat_template", self.apply_chat_template, ("auto", True, False))
         _check_choice("quantization", self.quantization, ("auto", "4bit", "none"))
+        _check_choice("backend", self.backend, BACKENDS)
         for name in RULES:
             check_setting(name, getattr(self, name))
 
@@ -154,6 +191,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a mapping benchmark -> 'metric,filter'",
     ),
     "allow_code_execution": (lambda v: isinstance(v, bool), "True or False"),  # "false" would be truthy
+    "gpu_memory_utilization": (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1,
+        "a number in (0, 1]",
+    ),
+    "tensor_parallel_size": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "data_parallel_size": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
 }
 
 
@@ -219,6 +262,48 @@ def resolve_batch_size(setting: int | str, device: Any) -> int | str:
     return CPU_AUTO_BATCH_SIZE if setting == "auto" and getattr(device, "type", str(device)) == "cpu" else setting
 
 
+def process_count() -> int:
+    """How many processes evaluate together: WORLD_SIZE, which accelerate launch and torchrun set."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_backend(s: EvalSettings) -> Backend:
+    """The backend `s.backend` means on this machine and launch; a combination that cannot run is an error
+    before anything loads."""
+    import torch
+
+    from mainlib.generate import vllm_available
+
+    backend = s.backend
+    if backend == "auto":
+        backend = "vllm" if vllm_available() and torch.cuda.is_available() and process_count() == 1 else "hf"
+    if backend == "vllm" and not vllm_available():
+        raise ModuleNotFoundError("backend='vllm' needs the vllm package (CUDA only): pip install vllm; or use 'hf'")
+    if backend == "vllm" and process_count() > 1:
+        raise ValueError(
+            "backend='vllm' runs as one process and spreads over GPUs itself (tensor_parallel_size, "
+            "data_parallel_size): launch it without accelerate launch / torchrun, or use backend='hf'"
+        )
+    if backend == "hf" and (s.tensor_parallel_size > 1 or s.data_parallel_size > 1):
+        raise ValueError(
+            "tensor_parallel_size and data_parallel_size must be 1 with backend='hf' (they are vllm settings); "
+            "hf runs data-parallel under accelerate launch --num_processes N"
+        )
+    return backend
+
+
+def vllm_lora_rank(adapter: str) -> int:
+    """vLLM's `max_lora_rank` for an adapter: the smallest value it accepts that holds every rank in the adapter."""
+    import json
+
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    rank = max([int(config.get("r") or 0), *map(int, (config.get("rank_pattern") or {}).values())])
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"adapter {adapter}: LoRA rank {rank} is above vLLM's largest max_lora_rank, 512")
+    return fits[0]
+
+
 def _label(model: str, adapter: str | None) -> str:
     """A file-name-safe name for a (model, adapter) pair: the model's name, or the adapter's last three folders."""
     text = "_".join(Path(adapter).resolve().parts[-3:]) if adapter else Path(model).name or model
@@ -278,8 +363,10 @@ def check_inputs(model: str, adapters: Mapping[str, str | None], s: EvalSettings
 
 
 # --------------------------------------------------------------------------------------------------
-# One base model, many adapters
+# The lm-eval model of each label: one base with many adapters, one model per label (data-parallel hf, vllm)
 # --------------------------------------------------------------------------------------------------
+
+LabelledLM = tuple[str, str | None, Any]  # (label, adapter or None, an lm-eval LM in that model state)
 
 
 def attach_adapters(base: Any, adapters: Mapping[str, str | None]) -> tuple[Any, dict[str, str | None]]:
@@ -309,6 +396,110 @@ def active_adapter(model: Any, name: str | None) -> Iterator[None]:
     else:
         model.set_adapter(name)
         yield
+
+
+def shared_base_lms(
+    model: str, adapters: Mapping[str, str | None], s: EvalSettings, tokenizer: Any
+) -> Iterator[LabelledLM]:
+    """One process: the base loaded once, every adapter a named peft adapter on it, each made active in turn."""
+    from mainlib.lm import ContinuousHFLM
+    from mainlib.models import load_model
+
+    base, names = attach_adapters(load_model(model, s.quantization).eval(), adapters)
+    batch_size = resolve_batch_size(s.batch_size, base.device)
+    lm = ContinuousHFLM(pretrained=base, tokenizer=tokenizer, batch_size=batch_size, slots=s.generation_slots)
+    for label, adapter in adapters.items():
+        with active_adapter(base, names[label]):
+            yield label, adapter, lm
+
+
+def free_memory() -> None:
+    """Let the last label's model go before the next one loads (one copy of the base in memory at a time)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def one_lm_per_label(adapters: Mapping[str, str | None], build: Callable[[str | None], Any]) -> Iterator[LabelledLM]:
+    """`build(adapter)` per label; the caller drops its reference before asking for the next."""
+    for label, adapter in adapters.items():
+        lm = build(adapter)
+        yield label, adapter, lm
+        del lm
+        free_memory()
+
+
+def data_parallel_lms(
+    model: str, adapters: Mapping[str, str | None], s: EvalSettings, tokenizer: Any
+) -> Iterator[LabelledLM]:
+    """Several processes (accelerate launch, torchrun): lm-eval's own data parallelism, which needs HFLM to
+    load the model from a name (`pretrained=`, the adapter as `peft=`); each process holds a whole copy.
+
+    Without CUDA the processes can only meet over gloo on CPU, and accelerate forms a CPU process group only
+    when told to (ACCELERATE_USE_CPU, accelerate/state.py:915 and 802-813), so it is set here.
+    """
+    from mainlib.lm import ContinuousHFLM
+    from mainlib.models import (
+        attention_implementation,
+        compute_dtype,
+        default_device,
+        quantization_config,
+        resolve_model,
+    )
+
+    device = default_device()
+    if device.type == "cpu":
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    attention = attention_implementation(device)
+    load = {
+        "pretrained": resolve_model(model),
+        "tokenizer": tokenizer,
+        "dtype": compute_dtype(device),
+        "quantization_config": quantization_config(s.quantization, device),
+        "batch_size": resolve_batch_size(s.batch_size, device),
+        "slots": s.generation_slots,
+        **({"attn_implementation": attention} if attention else {}),
+    }
+    return one_lm_per_label(adapters, lambda adapter: ContinuousHFLM(peft=adapter, **load))
+
+
+def vllm_lms(model: str, adapters: Mapping[str, str | None], s: EvalSettings) -> Iterator[LabelledLM]:
+    """lm-eval's `vllm` model, one engine per label; an adapter is served as a LoRA (`lora_local_path`)."""
+    from lm_eval.api.registry import get_model
+
+    from mainlib.models import resolve_model
+
+    vllm_lm = get_model("vllm")
+    engine = {
+        "pretrained": resolve_model(model),
+        "dtype": "auto",
+        "quantization": "bitsandbytes" if s.quantization == "4bit" else None,
+        "batch_size": s.batch_size,
+        "seed": s.seed,
+        "gpu_memory_utilization": s.gpu_memory_utilization,
+        "tensor_parallel_size": s.tensor_parallel_size,
+        "data_parallel_size": s.data_parallel_size,
+    }
+
+    def build(adapter: str | None) -> Any:
+        if adapter is None:
+            return vllm_lm(**engine)
+        return vllm_lm(**engine, enable_lora=True, max_lora_rank=vllm_lora_rank(adapter), lora_local_path=adapter)
+
+    return one_lm_per_label(adapters, build)
+
+
+def label_lms(model: str, adapters: Mapping[str, str | None], s: EvalSettings, tokenizer: Any) -> Iterator[LabelledLM]:
+    """The lm-eval model of each label for the resolved backend and the number of processes."""
+    if s.backend == "vllm":
+        return vllm_lms(model, adapters, s)
+    if process_count() > 1:
+        return data_parallel_lms(model, adapters, s, tokenizer)
+    return shared_base_lms(model, adapters, s, tokenizer)
 
 
 def model_fingerprint(model: str, adapter: str | None, quantization: str) -> str:
@@ -416,6 +607,13 @@ def response_stats(samples: Sequence[dict[str, Any]], tokenizer: Any, cap: int |
     }
 
 
+def in_document_order(samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """lm-eval logs a task's samples filter by filter, each in document order; gathered from several processes
+    they come process by process. One order for both, so files and bootstrap errors do not depend on the launch."""
+    filters = list(dict.fromkeys(s.get("filter") for s in samples))
+    return sorted(samples, key=lambda s: (filters.index(s.get("filter")), s["doc_id"]))
+
+
 def sample_records(output: dict[str, Any], names: Sequence[str]) -> list[dict[str, Any]]:
     """Each document's responses and metrics (no prompts: they are rebuilt from the task and doc_id)."""
     keep = ("doc_id", "target", "resps", "filtered_resps", "filter")
@@ -492,6 +690,9 @@ def _evaluate_label(
         start = time.perf_counter()
         output = _run_task(lm, task, s, chat, manager, cache)
         seconds = time.perf_counter() - start
+        if output is None:  # not rank 0 of a data-parallel run: rank 0 gathers, reports and writes
+            continue
+        output["samples"] = {name: in_document_order(v) for name, v in output.get("samples", {}).items()}
         members = _member_tasks(output, task) or [task]
         cap = generation_cap(output, members[0], s.max_gen_toks)
         context = {"model": model, "adapter": adapter, "label": label, "data": s.data, "seconds": seconds, **used}
@@ -504,7 +705,8 @@ def _evaluate_label(
         if s.samples_dir:
             write_jsonl(Path(s.samples_dir) / f"{stem}.jsonl", sample_records(output, members))
         record = {
-            "settings": {**asdict(s), "model": model, "adapter": adapter, "label": label, "task": task, **used},
+            "settings": {**asdict(s), "model": model, "adapter": adapter, "label": label, "task": task, **used}
+            | {"processes": process_count()},
             "summary": task_rows,
             "seconds": seconds,
             "responses": {m: v for m, v in stats.items() if v},
@@ -521,20 +723,22 @@ def compare(
     tasks: Sequence[str] = BENCHMARKS,
     **settings: Any,
 ) -> list[dict[str, Any]]:
-    """Evaluate the base `model` with each labelled adapter (None = the base itself), loading the base once.
+    """Evaluate the base `model` with each labelled adapter (None = the base itself); in one hf process the
+    base is loaded once (data-parallel hf and vllm build one model per label, see the module docstring).
 
     Rows carry their `label`. Everything that can be checked (model name, adapter folders and their base
-    model, task names, the HumanEval opt-in, every setting) is checked before the model is loaded.
+    model, task names, the HumanEval opt-in, every setting, the backend) is checked before the model is loaded.
+    In a data-parallel run only rank 0 writes files and returns rows; the other processes return [].
     """
     from lm_eval.tasks import TaskManager
 
-    from mainlib.lm import ContinuousHFLM
-    from mainlib.models import load_model, load_tokenizer
+    from mainlib.models import load_tokenizer
     from mainlib.nltk_data import ensure_punkt
     from mainlib.tasks import TASKS_DIR
 
     s = EvalSettings(tasks=list(tasks), **settings)
     s.data = s.data or default_data()
+    s.backend = resolve_backend(s)
     check_inputs(model, adapters, s)
     offline = s.data != "hub"
     manager = TaskManager(
@@ -546,13 +750,10 @@ def compare(
     chat = uses_chat_template(tokenizer, s.apply_chat_template)
     if "ifeval" in s.tasks:
         ensure_punkt()
-    lm_model, adapter_names = attach_adapters(load_model(model, s.quantization).eval(), adapters)
-    batch_size = resolve_batch_size(s.batch_size, lm_model.device)
-    lm = ContinuousHFLM(pretrained=lm_model, tokenizer=tokenizer, batch_size=batch_size, slots=s.generation_slots)
     rows = []
-    for label, adapter in adapters.items():
-        with active_adapter(lm_model, adapter_names[label]):
-            rows += _evaluate_label(lm, tokenizer, model, label, adapter, names, s, chat, manager)
+    for label, adapter, lm in label_lms(model, adapters, s, tokenizer):
+        rows += _evaluate_label(lm, tokenizer, model, label, adapter, names, s, chat, manager)
+        del lm  # so that a model built per label is freed before the next one loads
     return rows
 
 
@@ -629,6 +830,9 @@ CLI_TYPES: dict[str, Callable[[str], Any]] = {
     "apply_chat_template": _chat_setting,
     "headline": _pairs,
     "seed": int,
+    "gpu_memory_utilization": float,
+    "tensor_parallel_size": int,
+    "data_parallel_size": int,
 }
 
 
@@ -659,6 +863,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = args.pop("model")
     adapters = parse_adapters(args.pop("adapter"), args.pop("base"), model)
     rows = compare(model, adapters, **{k: v for k, v in args.items() if v is not None})
+    if not rows:  # a data-parallel process other than rank 0
+        return
     columns = ("label", "task", "metric", "filter", "value", "stderr", "n", "apply_chat_template", "max_gen_toks")
     print(markdown_table([{k: r[k] for k in columns} for r in rows if r["headline"]]))
 

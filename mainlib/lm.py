@@ -5,6 +5,10 @@ groups them, encoded and truncated by `HFLM`'s own `tok_batch_encode`, stopped a
 EOS, decoded and post-processed by `HFLM`'s own functions, and reported to lm-eval's request cache one by
 one (`use_cache` resumes an interrupted run). Sampling, thinking-token models and `slots=0` take the stock
 path (`HFLM.generate_until`).
+
+Built from a model name (not a loaded model) under `accelerate launch` / torchrun, it also takes part in
+lm-eval's data parallelism on CPU processes and one-GPU-per-process set-ups, where HFLM itself would leave
+every process at rank 0 of 1 (see `_join_process_group`).
 """
 
 from __future__ import annotations
@@ -23,9 +27,31 @@ STOP_LOOKBACK = 16  # tokens decoded each step to look for a stop string at the 
 class ContinuousHFLM(HFLM):
     """`HFLM` whose greedy `generate_until` decodes `slots` rows together with continuous batching."""
 
-    def __init__(self, *args: Any, slots: int = 16, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, slots: int = 16, quantization_config: Any = None, **kwargs: Any) -> None:
+        self._quantization = quantization_config  # read by `_create_model`, which HFLM calls from its __init__
         super().__init__(*args, **kwargs)
         self.slots = slots
+        self._join_process_group()
+
+    def _create_model(self, *args: Any, quantization_config: Any = None, **kwargs: Any) -> None:
+        """HFLM hands `from_pretrained` only the quantization stored in the model's own config; mainlib's 4-bit
+        load of a full-precision checkpoint needs ours (lm-eval: "consider subclassing HFLM and overriding this")."""
+        super()._create_model(*args, quantization_config=self._quantization or quantization_config, **kwargs)
+
+    def _join_process_group(self) -> None:
+        """Shard lm-eval's requests over the processes of `accelerate launch` / torchrun.
+
+        HFLM keeps the launcher's `Accelerator` whenever there are several processes
+        (lm_eval/models/huggingface.py:252-254) but sets rank and world size from it only when it counts more
+        than one CUDA device (huggingface.py:465-487); on CPU (gloo) every process stays rank 0 of 1 and would
+        evaluate every document. These are the attributes HFLM sets on GPUs, with the global process index
+        (HFLM's local index would repeat across machines).
+        """
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:
+            self._device = accelerator.device
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         groups: dict[str, list[int]] = {}
