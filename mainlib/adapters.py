@@ -35,7 +35,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mainlib import models
+from mainlib import distributed, models
+from mainlib.generate import GenerationSettings, VllmAdapter, VllmEngine, VllmSettings, resolve_engine
 from mainlib.models import LoraSettings, Quantization
 
 
@@ -73,9 +74,12 @@ class ModelBank:
         gradient_checkpointing: bool = False,
         *,
         trust_remote_code: bool = False,
+        vllm: VllmSettings | None = None,
     ) -> None:
         models.check_model_name(model)  # a typo fails here, not when the first adapter loads the base
         self.base_model = model
+        self.vllm = vllm or VllmSettings()
+        self._engine: VllmEngine | None = None  # a stage's vLLM engine, while the stage runs (`engine_scope`)
         self.quantization: Quantization = quantization
         self.gradient_checkpointing = gradient_checkpointing
         self.trust_remote_code = trust_remote_code
@@ -224,7 +228,8 @@ class ModelBank:
         if "base_model" in config and not same_model(str(config["base_model"]), self.base_model):
             raise ValueError(f"config says base model {config['base_model']!r}; this bank holds {self.base_model!r}")
         saved = {"base_model": self.base_model, "quantization": self.quantization, **config}
-        path = models.save_adapter(peft_model, tokenizer, out_dir, saved, adapter_name=peft_name)
+        # every process of a launch holds the same weights (DDP): the main one writes them
+        path = distributed.on_main(lambda: models.save_adapter(peft_model, tokenizer, out_dir, saved, peft_name))
         self._sources[name] = Path(out_dir).resolve()  # what is in memory is what that folder holds now
         return path
 
@@ -263,6 +268,52 @@ class ModelBank:
             else:
                 model.set_adapter(peft_name, inference_mode=True)
                 yield model
+
+    # ----------------------------------------------------------------------------------------------
+    # Generation with vLLM
+    # ----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def generator(self, name: str | None, settings: GenerationSettings) -> Iterator[Any]:
+        """What `generate` takes to write with adapter `name` (None: the base): `use(name)`'s model, or under vLLM
+        (`resolve_engine`) the stage's engine serving `name`'s saved folder as a LoRA request."""
+        if resolve_engine(settings) != "vllm":
+            with self.use(name) as model:
+                yield model
+            return
+        adapter_dir = None if name is None else self._sources.get(name)  # kept by `release`
+        if name is not None and adapter_dir is None:
+            raise ValueError(f"vLLM serves adapters from their saved folders; adapter {name!r} has none (save it)")
+        yield VllmAdapter(self._vllm_engine(), adapter_dir)
+
+    def _vllm_engine(self) -> VllmEngine:
+        """The stage's engine, made at its first use; the HF models leave the GPU first (`release`)."""
+        if self._engine is None:
+            self.release()
+            self._engine = VllmEngine(models.resolve_model(self.base_model), self.vllm)
+        return self._engine
+
+    @contextmanager
+    def engine_scope(self) -> Iterator[None]:
+        """A stage's generation: one vLLM engine at most, made when first needed and closed when the block ends."""
+        try:
+            yield
+        finally:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+
+    def release(self) -> None:
+        """Free the base and every adapter; `ensure` reloads what a later stage needs from its folder (and vLLM
+        serves them from there: their folders are kept). Adapters whose weights are in no folder (trained, not
+        saved) would be lost: that is an error."""
+        unsaved = [name for name in self._adapters if name not in self._sources]
+        if unsaved:
+            raise ValueError(f"adapters {unsaved} are not saved; save them before the bank releases its models")
+        self._base, self._peft = None, None
+        self._adapters.clear()
+        self._frozen.clear()
+        free_memory()
 
     @contextmanager
     def train(self, name: str) -> Iterator[PeftModel]:

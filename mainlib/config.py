@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from mainlib import data
-from mainlib.generate import GenerationSettings
+from mainlib import data, distributed
+from mainlib.generate import GenerationSettings, VllmSettings
 from mainlib.models import LoraSettings, Quantization, check_model_available
 from mainlib.musc.coarse import CoarseSettings
 from mainlib.musc.tdpo import DPOSettings
@@ -89,6 +89,13 @@ def shard_size_field() -> Any:
             "first missing shard)",
             "range": "[1, inf)",
         },
+    )
+
+
+def vllm_field() -> Any:
+    return field(
+        default_factory=VllmSettings,
+        metadata={"help": "the vLLM engine's GPU share and size, when generation runs on vLLM", "prefix": "vllm_"},
     )
 
 
@@ -158,6 +165,7 @@ class MainConfig:
     )
     scoring: ScoringSettings = field(default_factory=ScoringSettings, metadata={"help": "batching of s_f and s_r"})
     shard_size: int = shard_size_field()
+    vllm: VllmSettings = vllm_field()  # noqa: RUF009 (it returns a dataclasses.field)
 
     def identity(self) -> dict[str, Any]:
         """What a run directory is tied to: another model or data needs another run_name."""
@@ -218,6 +226,7 @@ class MuscConfig:
         default_factory=DPOSettings,
         metadata={"help": "token-weighted DPO", "prefix": "", "shared": {"seed": "seed"}},
     )
+    vllm: VllmSettings = vllm_field()  # noqa: RUF009 (it returns a dataclasses.field)
 
     def __post_init__(self) -> None:
         share(self)  # the nested seeds follow `seed` (see `shared`)
@@ -442,8 +451,27 @@ def validate(config: Any) -> None:
         kind = p.field.metadata.get("source")
         if kind and value is not None and fits(value, p.type) and (allowed := SOURCE_CHECKS[kind](value)):
             found.append(Problem(name, p.dotted, value, allowed))
+    found += launch_problems(config)
     if found:
         raise ConfigError(found, where=type(config).__name__)
+
+
+def launch_problems(config: Any) -> list[Problem]:
+    """What this launch's process count rules out: a training batch that does not split evenly over the processes,
+    and vLLM engines spanning several GPUs when each process has its own."""
+    n, found = distributed.world_size(), []
+    if n == 1:
+        return found
+    for name, p in parameters_of(type(config)).items():
+        value = get_path(config, p.path)
+        trains = isinstance(get_path(config, p.path[:-1]), SFTHyperparameters | DPOSettings)
+        if trains and p.path[-1] == "batch_size" and isinstance(value, int) and value % n:
+            allowed = f"a multiple of the {n} processes (the global micro-batch is split evenly over them)"
+            found.append(Problem(name, p.dotted, value, allowed))
+        if p.path == ("vllm", "tensor_parallel_size") and value != 1:
+            allowed = "1 under accelerate launch (one engine per process and GPU); more only in a single process"
+            found.append(Problem(name, p.dotted, value, allowed))
+    return found
 
 
 # ---- notebooks ------------------------------------------------------------------------------------

@@ -11,24 +11,31 @@ Engines (`GenerationSettings.engine`):
   (see `merged_for_inference`), transformers then compiles the decode step with CUDA graphs, which removes
   the per-step launch overhead that bounds small-model decoding. The first batch of each shape pays the
   compile; `python -m bench generate` measures whether it pays.
-- `vllm`: vLLM's engine, when the `vllm` package is installed (it is not a dependency, and cannot be
-  installed on the offline GPU machine this project is benchmarked on). The model is merged, written to a
-  temporary directory and loaded by vLLM.
-- `auto` (default): `vllm` when it is importable and CUDA is available, else `hf`.
+- `vllm`: vLLM's engine, when the `vllm` package is installed (not a dependency: it pins its own torch and
+  transformers, and cannot be installed beside this project's transformers on the CPU machine it is tested on).
+  A stage that generates makes one `VllmEngine` over the base model (`ModelBank.generator`, inside
+  `ModelBank.engine_scope`), serves each adapter from its saved folder as a LoRA request, and frees the engine
+  when the stage ends; the bank's HF models leave the GPU while it runs. Every request gets its own seed,
+  `request_seed(seed, row)`, so duplicate prompts give different samples and a rerun gives the same ones.
+- `auto` (default): `vllm` where a stage hands generation a vLLM engine (vLLM installed, CUDA available), else
+  `hf`. Generation from models being trained (a round of MAIN) runs on them, with `hf`.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import importlib.util
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from mainlib import distributed
 from mainlib.batching import token_budget_batches
 from mainlib.data import Pair
 from mainlib.prompts import Direction, build_prompt
@@ -53,6 +60,28 @@ class GenerationSettings:
         default=False,
         metadata={"help": "generate from a merged full-precision copy of a LoRA model (see merged_for_inference)"},
     )
+
+
+@dataclass
+class VllmSettings:
+    """The vLLM engine's resources (not its outputs: a stage's fingerprint does not read them). Data parallelism is
+    the launch's: `accelerate launch --num_processes N` runs N engines, one per GPU, each on its own shards."""
+
+    gpu_memory_utilization: float = field(
+        default=0.85,
+        metadata={
+            "help": "share of each GPU vLLM may take (the HF models leave it first)",
+            "range": "(0, 1]",
+        },
+    )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "GPUs one engine spans (a model too big for one GPU)",
+            "range": "[1, inf)",
+        },
+    )
+    max_lora_rank: int = field(default=64, metadata={"help": "the largest LoRA rank served", "range": "[1, inf)"})
 
 
 Engine = Literal["hf", "static", "vllm"]
@@ -114,9 +143,15 @@ def generate_ids(
     desc: str = "generating",
 ) -> list[TokenGeneration]:
     """Complete already-tokenised prompts with the `hf` or `static` engine; results in input order."""
+    if isinstance(model, VllmAdapter):
+        return model.engine.generate_ids(encoded, settings, eos_ids, model.adapter_dir)
     engine = resolve_engine(settings)
-    if engine == "vllm":
-        return vllm_generate_ids(model, encoded, settings, eos_ids)
+    if engine == "vllm" and settings.engine == "vllm":
+        raise ValueError(
+            "engine='vllm' serves saved adapters from one engine per stage (ModelBank.generator); this model is a "
+            "live transformers model (e.g. being trained in a MAIN round): use engine 'hf', 'static' or 'auto'"
+        )
+    engine = "hf" if engine == "vllm" else engine
     if settings.merge_adapter:
         model = merged_for_inference(model)
     device = next(model.parameters()).device
@@ -207,41 +242,100 @@ def merged_for_inference(model, dtype: torch.dtype | None = None):
     return merged.eval()
 
 
-def vllm_generate_ids(
-    model, encoded: Sequence[Sequence[int]], settings: GenerationSettings, eos_ids: Sequence[int]
-) -> list[TokenGeneration]:
-    """Generate with vLLM: the (merged) model is saved to a temporary directory and served from there.
+def request_seed(seed: int, row: int) -> int:
+    """The sampling seed of prompt `row` of a call seeded `seed`: depends on both alone, so duplicate prompts get
+    different samples and a rerun (or a resumed shard) the same ones."""
+    digest = hashlib.sha256(f"mainlib-request:{seed}:{row}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
-    Every prompt is submitted at once; vLLM schedules them itself (continuous batching, paged KV cache).
+
+class VllmEngine:
+    """One vLLM engine over a base model, serving adapters from their saved folders as LoRA requests.
+
+    Created once per stage (the load and the CUDA graphs cost tens of seconds for a 7B model) and closed after it,
+    so its share of the GPU goes back to training.
     """
-    if not vllm_available():
-        raise ModuleNotFoundError("engine='vllm' needs the vllm package: pip install vllm (CUDA only)")
-    from vllm import LLM, SamplingParams
 
-    merged = merged_for_inference(model)
-    sampling = settings.temperature > 0
-    params = SamplingParams(
-        n=1,
-        temperature=settings.temperature if sampling else 0.0,
-        top_p=settings.top_p if sampling else 1.0,
-        max_tokens=settings.max_new_tokens,
-        seed=settings.seed,
-        stop_token_ids=list(eos_ids),
-    )
-    with tempfile.TemporaryDirectory(prefix="mainlib-vllm-") as folder:
-        merged.save_pretrained(folder, safe_serialization=True)
-        llm = LLM(model=folder, tokenizer=None, skip_tokenizer_init=True, seed=settings.seed)
+    def __init__(self, base_model: str, settings: VllmSettings, seed: int = 0) -> None:
+        if not vllm_available():
+            raise ModuleNotFoundError("engine='vllm' needs the vllm package: pip install vllm (CUDA only)")
+        from vllm import LLM
+
+        # under accelerate launch: each process one engine on its own GPU, fed its own shards; vLLM's documented
+        # way inside torchrun-launched processes (its examples/offline_inference/torchrun_dp_example.py)
+        n = distributed.world_size()
+        launched = {"distributed_executor_backend": "external_launcher", "data_parallel_size": n} if n > 1 else {}
+        self.llm: Any = LLM(
+            model=base_model,
+            skip_tokenizer_init=True,  # prompts arrive as token ids, outputs leave as token ids
+            enable_lora=True,
+            max_lora_rank=settings.max_lora_rank,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            seed=seed,
+            **launched,
+        )
+        self._lora_ids: dict[Path, int] = {}  # vLLM caches a LoRA by its integer id: one id per folder
+
+    def _lora(self, adapter_dir: Path | None) -> Any:
+        if adapter_dir is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(adapter_dir, len(self._lora_ids) + 1)
+        return LoRARequest(f"adapter-{lora_id}", lora_id, str(adapter_dir))
+
+    def generate_ids(
+        self,
+        encoded: Sequence[Sequence[int]],
+        settings: GenerationSettings,
+        eos_ids: Sequence[int],
+        adapter_dir: Path | None,
+    ) -> list[TokenGeneration]:
+        """Every prompt at once (vLLM batches them itself), each with its own seed; results in input order."""
+        from vllm import SamplingParams
+
+        sampling = settings.temperature > 0
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=settings.temperature if sampling else 0.0,
+                top_p=settings.top_p if sampling else 1.0,
+                max_tokens=settings.max_new_tokens,
+                seed=request_seed(settings.seed, row),
+                stop_token_ids=list(eos_ids),
+            )
+            for row in range(len(encoded))
+        ]
         prompts = [{"prompt_token_ids": list(ids)} for ids in encoded]
-        outputs = llm.generate(prompts, params, use_tqdm=True)
-    results = []
-    for out in outputs:
-        completion = out.outputs[0]
-        ids = list(completion.token_ids)
-        if completion.finish_reason == "stop":  # a stop token may be kept in token_ids: drop it if so
-            results.append(TokenGeneration(ids[:-1] if ids and ids[-1] in eos_ids else ids, "eos"))
-        else:
-            results.append(TokenGeneration(ids, "length"))
-    return results
+        outputs = self.llm.generate(prompts, params, lora_request=self._lora(adapter_dir), use_tqdm=True)
+        return [_vllm_result(out.outputs[0], eos_ids) for out in outputs]
+
+    def close(self) -> None:
+        """Free the engine and its GPU memory (vLLM's own teardown when it has one)."""
+        shutdown = getattr(getattr(self.llm, "llm_engine", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        self.llm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _vllm_result(completion: Any, eos_ids: Sequence[int]) -> TokenGeneration:
+    ids = list(completion.token_ids)
+    if completion.finish_reason == "stop":  # a stop token may be kept in token_ids: drop it if so
+        return TokenGeneration(ids[:-1] if ids and ids[-1] in eos_ids else ids, "eos")
+    return TokenGeneration(ids, "length")
+
+
+@dataclass(frozen=True)
+class VllmAdapter:
+    """What `generate` takes in place of a model under vLLM: the stage's engine and the adapter's folder (None: the
+    base model)."""
+
+    engine: VllmEngine
+    adapter_dir: Path | None
 
 
 def complete_pairs(

@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mainlib import distributed
 from mainlib.paths import cache_dir, writable_cache
 
 logger = logging.getLogger(__name__)
@@ -229,7 +230,8 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU (`cuda:{local_rank}`: one per process under `accelerate launch`), else the CPU."""
+    return torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -245,11 +247,13 @@ def quantization_config(quantization: Quantization, device: torch.device) -> Bit
         raise ValueError(f"quantization must be 'auto', '4bit' or 'none', got {quantization!r}")
     if quantization == "none" or (quantization == "auto" and device.type != "cuda"):
         return None
+    storage = {"bnb_4bit_quant_storage": compute_dtype(device)} if distributed.shards_parameters() else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(device),
+        **storage,  # FSDP / ZeRO-3: packed weights in the compute dtype, the model's own dtype (peft's recipe)
     )
 
 
@@ -288,7 +292,8 @@ def load_model(
         kwargs["attn_implementation"] = attention
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        if not distributed.shards_parameters():  # FSDP / ZeRO-3 place the shards themselves
+            kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), **kwargs)
     if quant is None:
         model.to(device)

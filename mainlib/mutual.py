@@ -23,11 +23,13 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from mainlib import distributed
 from mainlib.adapters import ModelBank
 from mainlib.data import Pair, normalize_text
 from mainlib.generate import Generation, GenerationSettings, complete_pairs, generate
@@ -157,8 +159,9 @@ def round_update(
     results, written = {}, {}
     for learner, writer in (("forward", "reverse"), ("reverse", "forward")):
         # the other model writes the side this one learns to predict: instructions for forward, responses for reverse
-        with bank.use(writer) as model:
-            generations = complete_pairs(model, tokenizer, writer, seed, sampling, main.system_seed)
+        with bank.use(writer) as model:  # written by the main process, for all (every process then trains on it)
+            write = partial(complete_pairs, model, tokenizer, writer, seed, sampling, main.system_seed)
+            generations = distributed.on_main(write)
         synthetic = [
             Pair(g.text, p.response, "round_synthetic")
             if writer == "reverse"

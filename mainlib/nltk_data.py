@@ -41,22 +41,30 @@ def _english_parameters() -> dict[str, list[str]]:
     }
 
 
+def _complete(target: Path) -> bool:
+    return all((target / name).is_file() for name in PUNKT_FILES)
+
+
 def provision_punkt(root: str | Path | None = None, force: bool = False) -> Path:
     """Write `<root>/tokenizers/punkt_tab/english/` (atomically: temp folder, then rename); return `root`."""
     root = Path(root) if root is not None else nltk_data_dir()
     target = root / "tokenizers" / "punkt_tab" / "english"
     if root == nltk_data_dir() and not target.is_dir():
         writable_cache("nltk_data")  # a clear error naming MAINLIB_CACHE, not a bare OSError from mkdir
-    if target.is_dir() and not force and all((target / name).is_file() for name in PUNKT_FILES):
+    if target.is_dir() and not force and _complete(target):
         return root
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".english.", dir=target.parent))
     try:
         for name, lines in _english_parameters().items():
             (tmp / name).write_text("\n".join(lines), encoding="utf-8", newline="\n")
-        if target.exists():
+        if target.exists() and (force or not _complete(target)):
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process (a rank of the same launch) finished first: keep theirs
+            if not _complete(target):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

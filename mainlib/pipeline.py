@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mainlib import data, generate, mutual, prompts, scoring, sft, shards
+from mainlib import data, distributed, generate, mutual, prompts, scoring, sft, shards
 from mainlib.adapters import ModelBank, Shared
 from mainlib.config import MainConfig, validate
 from mainlib.data import Pair
@@ -116,7 +116,7 @@ def mutual_round(ctx: StageContext) -> dict[str, Any]:
     )
     for direction in ("forward", "reverse"):
         bank.save(direction, ctx.dir / direction, tokenizer, {"round": k, "lora": dataclasses.asdict(c.lora)})
-    write_json(ctx.dir / "round.json", result.to_dict())
+    distributed.on_main(lambda: write_json(ctx.dir / "round.json", result.to_dict()))
     return {
         "alpha": alpha,
         "synthetic_instructions": result.synthetic_instructions,
@@ -125,30 +125,36 @@ def mutual_round(ctx: StageContext) -> dict[str, Any]:
 
 
 def synthesize(ctx: StageContext) -> dict[str, Any]:
-    """Step 2: the reverse adapter writes an instruction for every pool response, shard by shard; then one
-    streamed pass marks duplicates over the whole pool and writes the kept pairs."""
+    """Step 2: the reverse adapter writes an instruction for every pool response, shard by shard (each process its
+    own shards); then the main process keeps the pairs (`keep_synthetic`)."""
     c, tokenizer, bank = ctx.config, ctx.shared.tokenizer, ctx.shared.bank
     name = bank.ensure(ctx.params["adapter"], ctx.inputs[ctx.params["reverse_from"]].dir / "reverse")
 
     def work(pool: list[Pair], index: int) -> list[dict[str, Any]]:
         settings = dataclasses.replace(c.synthesis, seed=shards.shard_seed(c.synthesis.seed, index))
-        with bank.use(name) as model:
+        with bank.generator(name, settings) as model:
             written = generate.complete_pairs(model, tokenizer, "reverse", pool, settings, c.main.system_seed)
         return [mutual.synthesis_row(p, g) for p, g in zip(pool, written, strict=True)]
 
     pool = read_pairs(ctx.inputs["inputs"].dir / "pool.jsonl")
-    summary = shards.run_sharded(ctx.dir, pool, c.shard_size, work, fingerprint=ctx.fingerprint, desc="synthesize")
-    write_jsonl(ctx.dir / "rows.jsonl", mutual.mark_duplicates(shards.iter_rows(ctx.dir)))
+    with bank.engine_scope():
+        summary = shards.run_sharded(ctx.dir, pool, c.shard_size, work, fingerprint=ctx.fingerprint, desc="synthesize")
+    return distributed.on_main(lambda: keep_synthetic(ctx.dir, summary.rows_out))
+
+
+def keep_synthetic(folder: Path, n_rows: int) -> dict[str, Any]:
+    """After synthesis: mark duplicates over the whole pool (one streamed pass) and write the kept pairs."""
+    write_jsonl(folder / "rows.jsonl", mutual.mark_duplicates(shards.iter_rows(folder)))
     kept = (
-        mutual.synthesis_pair(r).to_dict() for _, r in data.jsonl_records(ctx.dir / "rows.jsonl") if not r["dropped"]
+        mutual.synthesis_pair(r).to_dict() for _, r in data.jsonl_records(folder / "rows.jsonl") if not r["dropped"]
     )
-    write_jsonl(ctx.dir / "synthetic.jsonl", kept)
-    found = Counter(row["dropped"] for _, row in data.jsonl_records(ctx.dir / "rows.jsonl") if row["dropped"])
+    write_jsonl(folder / "synthetic.jsonl", kept)
+    found = Counter(row["dropped"] for _, row in data.jsonl_records(folder / "rows.jsonl") if row["dropped"])
     dropped = {reason: found.get(reason, 0) for reason in mutual.SYNTHESIS_DROP_REASONS}
-    n_kept = summary.rows_out - sum(dropped.values())
+    n_kept = n_rows - sum(dropped.values())
     if not n_kept:
         raise ValueError(f"synthesis kept no pair ({dropped}); raise synthesis.max_new_tokens")
-    return {"pool": summary.rows_out, "kept": n_kept, "dropped": dropped}
+    return {"pool": n_rows, "kept": n_kept, "dropped": dropped}
 
 
 def score(ctx: StageContext) -> dict[str, Any]:
@@ -171,12 +177,13 @@ def rate(ctx: StageContext) -> dict[str, Any]:
     name = bank.ensure("seed_forward", ctx.inputs["init_sft"].dir / "forward")
 
     def work(pairs: list[Pair], index: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        with bank.use(name) as model:
+        with bank.generator(name, c.rating) as model:
             ratings = mutual.humpback_ratings(model, tokenizer, pairs, c.rating, c.main.system_seed)
         return [{"rating": r} for r in ratings], {"unparseable_ratings": sum(r is None for r in ratings)}
 
     synthetic = read_pairs(ctx.inputs["synthesize"].dir / "synthetic.jsonl")
-    summary = shards.run_sharded(ctx.dir, synthetic, c.shard_size, work, fingerprint=ctx.fingerprint, desc="rate")
+    with bank.engine_scope():
+        summary = shards.run_sharded(ctx.dir, synthetic, c.shard_size, work, fingerprint=ctx.fingerprint, desc="rate")
     return {"rated": summary.rows_out, "unparseable_ratings": summary.counts.get("unparseable_ratings", 0)}
 
 
@@ -236,6 +243,7 @@ def round_stage(k: int) -> Stage:
         needs=("inputs", previous),
         params={"k": k, "previous": previous},
         code=(mutual, sft, generate, prompts),
+        every_process=True,
     )
 
 
@@ -253,11 +261,12 @@ def main_stages(config: MainConfig) -> list[Stage]:
             needs=("synthesize", "init_sft"),
             code=(mutual, generate, prompts),
             resumable=True,
+            every_process=True,
         )
     ]
     return [
         Stage("inputs", load_inputs, reads=(*INPUTS, "model"), files=("seed_data", "pool_data"), code=(data,)),
-        Stage("init_sft", init_sft, reads=(*TRAINS, "sft"), needs=("inputs",), code=(sft, prompts)),
+        Stage("init_sft", init_sft, reads=(*TRAINS, "sft"), needs=("inputs",), code=(sft, prompts), every_process=True),
         *[round_stage(k) for k in range(k_rounds)],
         Stage(
             "synthesize",
@@ -267,6 +276,7 @@ def main_stages(config: MainConfig) -> list[Stage]:
             params={"reverse_from": reverse_from, "adapter": "seed_reverse" if humpback else "reverse"},
             code=(mutual, generate, prompts),
             resumable=True,
+            every_process=True,
         ),
         Stage(
             "score",
@@ -276,6 +286,7 @@ def main_stages(config: MainConfig) -> list[Stage]:
             params={"aligned": aligned},
             code=(mutual, scoring, prompts),
             resumable=True,
+            every_process=True,
         ),
         *(rating if humpback else []),
         Stage("select", select, reads=SELECT, needs=("synthesize", "rate" if humpback else "score"), code=(mutual,)),
@@ -285,6 +296,7 @@ def main_stages(config: MainConfig) -> list[Stage]:
             reads=(*TRAINS, "final_sft", "main.final_alpha", "main.system_synthetic"),
             needs=("inputs", "select"),
             code=(sft, prompts),
+            every_process=True,
         ),
     ]
 
@@ -350,6 +362,6 @@ def run_main(config: MainConfig, until: str = "final_sft", force: bool = False) 
         raise ValueError(f"until must be one of {', '.join(names)}; got {until!r}")
     run = Run(Path(config.runs_dir) / config.run_name, config.identity(), force=force)
     checkpointing = any(s.gradient_checkpointing for s in (config.sft, config.round_sft, config.final_sft))
-    bank = ModelBank(config.model, config.quantization, checkpointing)  # loads the base only when a stage needs it
+    bank = ModelBank(config.model, config.quantization, checkpointing, vllm=config.vllm)  # loads on first use
     shared = Shared(load_tokenizer(config.model), bank)
     return load_state(run.execute(stages, config, until, shared))

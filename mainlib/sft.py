@@ -40,9 +40,11 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from mainlib import distributed
 from mainlib.adapters import ModelBank
 from mainlib.data import Pair
 from mainlib.models import LoraSettings, Quantization
@@ -60,7 +62,13 @@ class SFTHyperparameters:
 
     epochs: float = field(default=1.0, metadata={"help": "passes over the data", "range": "(0, inf)"})
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (LoRA)", "range": "(0, inf)"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch", "range": "[1, inf)"})
+    batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "examples per micro-batch, all processes together (each of N takes 1/N)",
+            "range": "[1, inf)",
+        },
+    )
     grad_accum: int = field(
         default=1,
         metadata={
@@ -228,6 +236,14 @@ class WeightedSFTTrainer(SFTTrainer):
         # Our loss is a mean over this micro-batch's examples: let Trainer divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Length groups the size of the global batch (all processes), not of one process's share: batch k then
+        holds the same examples at any process count (Trainer sizes them per process)."""
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler.batch_size *= self.accelerator.num_processes
+        return sampler
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         weights, groups = inputs.pop("weight"), inputs.pop("group")
@@ -282,9 +298,8 @@ class SFTResult:
 def sft_config(settings: SFTSettings, output_dir: str | Path) -> SFTConfig:
     """The TRL config for `settings`: no checkpoints on disk, no external loggers, precision for the device."""
     return SFTConfig(
-        **run_arguments(output_dir, settings.seed),
+        **run_arguments(output_dir, settings.seed, settings.batch_size),
         num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.scheduler,
@@ -356,7 +371,7 @@ def train_bank_adapter(
     with bank.train(name) as model:
         result = train_sft(model, tokenizer, data, settings, Path(out_dir) / "trainer")
     bank.save(name, out_dir, tokenizer, {**(config or {}), "sft": settings.to_dict()})
-    write_json(Path(out_dir) / "sft_result.json", result.to_dict())
+    distributed.on_main(lambda: write_json(Path(out_dir) / "sft_result.json", result.to_dict()))
     return result
 
 

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from mainlib import distributed
 from mainlib.results import TEMP_SUFFIX, write_json, write_jsonl
 
 T = TypeVar("T")
@@ -312,6 +313,7 @@ def _compute(folder: Path, index: int, chunk: list[T], work: Work, meta: Row, st
         "rows_out": len(rows),
         "seconds": time.perf_counter() - start,
         "sha256": file_sha256(_rows_path(folder, index)),
+        "process": distributed.rank(),  # which process of a launch computed it
         **meta,
         "counts": counts,
         "moments": {name: m.to_dict() for name, m in moments.items()},
@@ -320,19 +322,12 @@ def _compute(folder: Path, index: int, chunk: list[T], work: Work, meta: Row, st
     return manifest
 
 
-def _shard(
-    folder: Path,
-    index: int,
-    chunk: list[T],
-    manifest: Row | None,
-    work: Work,
-    meta: Row,
-    stats: Stats | None,
-) -> tuple[Row, bool]:
-    """Shard `index`'s manifest, and whether it was resumed (complete on disk) rather than computed now."""
-    if manifest is not None and _complete(folder, index, manifest, len(chunk)):
-        return manifest, True
-    return _compute(folder, index, chunk, work, meta, stats), False
+def _owned_rows(total: int | None, shard_size: int) -> int | None:
+    """How many of `total` input rows fall in this process's shards (shard i belongs to process i mod N)."""
+    if total is None:
+        return None
+    n, me = distributed.world_size(), distributed.rank()
+    return sum(min(shard_size, total - i) for i in range(me * shard_size, total, n * shard_size))
 
 
 def run_sharded(
@@ -353,37 +348,49 @@ def run_sharded(
     integers the summary sums over shards (e.g. rows dropped by reason); it must seed from
     `shard_seed(seed, index)`. `stats(rows)` names value streams whose whole-pool moments the summary holds.
     `fingerprint` must cover the stage's input, config and code; see the module docstring for the rules.
+
+    Under `accelerate launch` every process calls this with the same `items`: shard i is computed by process
+    i mod N, then all of them wait for each other and return the same summary, read from the manifests on
+    disk in shard order (so the moments are the same floats as in one process).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1; got {shard_size}")
     start, out_dir = time.perf_counter(), Path(out_dir)
-    folder, manifests = shard_dir(out_dir), _prepare(out_dir, fingerprint, shard_size, restart)
+    folder = shard_dir(out_dir)
+    manifests = distributed.on_main(lambda: _prepare(out_dir, fingerprint, shard_size, restart))
     meta = {"fingerprint": fingerprint, "shard_size": shard_size}
-    it, infos, moments, resumed_shards = iter(items), [], {}, 0
-    total = len(items) if isinstance(items, Sized) else None
-    with tqdm(total=total, desc=desc, unit="row", disable=not progress) as bar:
+    n, me, it, computed, indices = distributed.world_size(), distributed.rank(), iter(items), [], []
+    total = _owned_rows(len(items) if isinstance(items, Sized) else None, shard_size)
+    where = f" (process {me} of {n})" if n > 1 else ""
+    with tqdm(total=total, desc=desc + where, unit="row", disable=not progress) as bar:
         for index in itertools.count():
             chunk = list(itertools.islice(it, shard_size))  # one shard of input at a time
             if not chunk:
                 break
-            manifest, resumed = _shard(folder, index, chunk, manifests.pop(index, None), work, meta, stats)
-            for name, part in manifest["moments"].items():  # same order, same floats, resumed or not
-                moments.setdefault(name, RunningMoments()).merge(RunningMoments.from_dict(part))
-            infos.append(
-                ShardInfo(
-                    index,
-                    manifest["rows_in"],
-                    manifest["rows_out"],
-                    manifest["seconds"],
-                    resumed,
-                    manifest.get("counts", {}),
-                )
-            )
-            resumed_shards += resumed
+            indices.append(index)
+            if index % n != me:
+                continue  # another process's shard
+            manifest = manifests.get(index)
+            if manifest is None or not _complete(folder, index, manifest, len(chunk)):
+                _compute(folder, index, chunk, work, meta, stats)
+                computed.append(index)
             bar.update(len(chunk))
-            bar.set_postfix(shard=index, resumed=resumed_shards, refresh=False)
-    if manifests:  # shards past the end of the input: the input shrank under the same fingerprint
-        raise ShardMismatchError(
-            f"the input ended after {len(infos)} shards but {folder} also holds shards {sorted(manifests)}"
-        )
-    return ShardSummary(infos, time.perf_counter() - start, moments)
+            bar.set_postfix(shard=index, computed=len(computed), refresh=False)
+    computed_now = {i for part in distributed.gather(computed) for i in part}  # also: every process is done
+    return _summary(folder, indices, computed_now, time.perf_counter() - start)
+
+
+def _summary(folder: Path, indices: list[int], computed: set[int], seconds: float) -> ShardSummary:
+    """The summary of shards `indices`, from their manifests; a shard not in `computed` was resumed."""
+    manifests = shard_manifests(folder.parent)
+    if extra := sorted(set(manifests) - set(indices)):  # shards past the end: the input shrank, same fingerprint
+        raise ShardMismatchError(f"the input ended after {len(indices)} shards but {folder} also holds shards {extra}")
+    infos, moments = [], {}
+    for index in indices:
+        manifest = manifests[index]
+        for name, part in manifest["moments"].items():  # in shard order: the same floats, resumed or not
+            moments.setdefault(name, RunningMoments()).merge(RunningMoments.from_dict(part))
+        rows_in, rows_out, seconds_used = manifest["rows_in"], manifest["rows_out"], manifest["seconds"]
+        counts = manifest.get("counts", {})
+        infos.append(ShardInfo(index, rows_in, rows_out, seconds_used, index not in computed, counts))
+    return ShardSummary(infos, seconds, moments)

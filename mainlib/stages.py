@@ -46,6 +46,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from mainlib import distributed
 from mainlib.results import package_versions, write_json
 
 MANIFEST = "manifest.json"
@@ -88,6 +89,8 @@ class Stage:
     code: tuple[ModuleType | Callable, ...] = ()  # besides `compute`'s own module
     params: dict[str, Any] = field(default_factory=dict)  # static arguments, e.g. {"k": 0} for round_0
     resumable: bool = False  # True: an unfinished attempt is continued (sharded stages), not started over
+    every_process: bool = False  # under `accelerate launch`, True: all processes run `compute` (training with DDP,
+    # sharded stages on their own shards); False: the main process does, the others wait for its result
 
 
 @dataclass
@@ -335,11 +338,21 @@ class Run:
             write_json(stage_dir / ATTEMPT, {"fingerprint": fp, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return state
 
-    def _compute(self, name: str, fp: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> StageResult:
-        stage_dir = self.dir / name
-        self.calls[name] = self.calls.get(name, 0) + 1
+    def _compute(
+        self, stage: Stage, fp: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
+    ) -> StageResult:
+        """Run `compute` (in every process, or only the main one: `Stage.every_process`); the main process then
+        writes the manifest, and every process gets it."""
+        self.calls[stage.name] = self.calls.get(stage.name, 0) + 1
         start = time.perf_counter()
-        counts = compute()
+        if stage.every_process:
+            counts = compute()
+            compute = lambda: counts  # noqa: E731 (the main process's counts go into the manifest)
+        manifest = distributed.on_main(lambda: self._finish(stage.name, fp, key, compute(), start))
+        return StageResult(stage.name, self.dir / stage.name, False, manifest)
+
+    def _finish(self, name: str, fp: str, key: dict[str, Any], counts: dict[str, Any], start: float) -> dict[str, Any]:
+        stage_dir = self.dir / name
         manifest = {
             "stage": name,
             "fingerprint": fp,
@@ -353,37 +366,45 @@ class Run:
         if (_read(self.dir / "run.json") or {}).get("identity") != self.identity:  # absent, or force=True
             write_json(self.dir / "run.json", {"identity": self.identity})
         (stage_dir / ATTEMPT).unlink(missing_ok=True)
-        return StageResult(name, stage_dir, False, manifest)
+        return manifest
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold the run's lock while working in it; on read-only storage, go on for reading only."""
+        """Hold the run's lock while working in it (the main process holds it for all the processes of a launch);
+        on read-only storage, go on for reading only."""
         lock = RunLock(self.dir)
-        try:
-            lock.acquire()
-        except OSError as e:
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            self.read_only = e  # fine while every stage is up to date: `_run_one` checks before any write
+        self.read_only = distributed.on_main(lambda: self._acquire(lock))
         try:
             yield
         finally:
             lock.release()
 
+    @staticmethod
+    def _acquire(lock: RunLock) -> OSError | None:
+        """Take the lock; the error that says the folder cannot be written, when it cannot."""
+        try:
+            lock.acquire()
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            return e  # fine while every stage is up to date: `_run_one` checks before any write
+        return None
+
     def _run_one(
-        self, name: str, fp: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]], resumable: bool = False
+        self, stage: Stage, fp: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]
     ) -> StageResult:
+        name = stage.name
         if self.read_only and self.status(name, fp) != "done":
             raise RunReadOnly(
                 f"{self.dir} cannot be written ({self.read_only.strerror}) and stage {name!r} is not up to date "
                 "with this config: copy the run to writable storage, or ask only for the finished stages (`until`)."
             )
-        state = self._prepare(name, fp, resumable)
+        state = distributed.on_main(lambda: self._prepare(name, fp, stage.resumable))
         if state in ("done", "kept"):
-            if state == "done":
+            if state == "done" and distributed.is_main():
                 print(f"[{name}] up to date, skipped ({self.dir / name})")
             return StageResult(name, self.dir / name, True, _read(self.dir / name / MANIFEST))
-        return self._compute(name, fp, key, compute)
+        return self._compute(stage, fp, key, compute)
 
     def execute(self, stages: Sequence[Stage], config: Any, until: str | None = None, shared: Any = None):
         """Run (or skip, restore, resume) the declared stages in order, up to and including `until`."""
@@ -409,7 +430,7 @@ class Run:
                 shared,
             )
             compute = lambda stage=stage, context=context: stage.compute(context)  # noqa: E731
-            results[stage.name] = self._run_one(stage.name, fingerprints[stage.name], key, compute, stage.resumable)
+            results[stage.name] = self._run_one(stage, fingerprints[stage.name], key, compute)
             if stage.name == until:
                 break
         return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -12,15 +13,22 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import SchedulerType
 
+from mainlib import distributed
+
 SCHEDULERS = tuple(s.value for s in SchedulerType)  # the `scheduler` values both trainers accept
 
 
-def run_arguments(output_dir: str | Path, seed: int) -> dict[str, Any]:
-    """TRL config fields shared by all trainers: precision for the device, seeds, no checkpoints, no loggers."""
+def run_arguments(output_dir: str | Path, seed: int, batch_size: int) -> dict[str, Any]:
+    """TRL config fields shared by all trainers: precision for the device, seeds, no checkpoints, no loggers, and
+    each process's share of the global micro-batch `batch_size` (the same recipe trains alike on 1 or N processes:
+    Trainer's DDP averages the processes' gradients, i.e. over the whole global batch)."""
+    per_process = distributed.per_process_batch(batch_size, "batch_size")
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return dict(
         output_dir=str(output_dir),
+        per_device_train_batch_size=per_process,
+        per_device_eval_batch_size=per_process,
         seed=seed,
         data_seed=seed,
         bf16=bf16,
@@ -30,6 +38,7 @@ def run_arguments(output_dir: str | Path, seed: int) -> dict[str, Any]:
         report_to="none",
         dataloader_num_workers=0,
         logging_nan_inf_filter=False,  # on, Trainer logs a NaN step's loss as the mean of the others (0.0 at first)
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # when on: what QLoRA + DDP needs (peft's examples)
     )
 
 
@@ -80,9 +89,8 @@ def train(trainer, log_keys: Sequence[str]) -> tuple[list[dict[str, float]], int
     try:
         trainer.train()
     finally:  # also when it diverged: the stage folder then holds nothing of this run
-        output = Path(trainer.args.output_dir)
-        if output.is_dir() and not any(output.iterdir()):  # TRL makes it, but no checkpoint is saved there
-            output.rmdir()
+        with contextlib.suppress(OSError):  # TRL makes it, no checkpoint is saved there; another process may remove it
+            Path(trainer.args.output_dir).rmdir()  # only when empty
     seconds = time.perf_counter() - start
     rows = [{k: float(r[k]) for k in log_keys if k in r} for r in trainer.state.log_history if "loss" in r]
     return rows, int(trainer.state.global_step), seconds

@@ -4,6 +4,7 @@ peft's QLoRA recipes document; cpu2.yaml starts two gloo ranks on CPU (docs/SCAL
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -169,12 +170,15 @@ def test_slurm_script_launches_multinode_per_node() -> None:
 
 RANK_SCRIPT = """
 import os
+import sys
 import torch.distributed as dist
 from accelerate import PartialState
 
 state = PartialState(cpu=True)  # what Trainer does with TrainingArguments(use_cpu=True)
-print("RANK", dist.get_rank(), dist.get_world_size(), dist.get_backend(), state.distributed_type.value,
-      os.environ.get("LOCAL_RANK"), flush=True)
+fields = [dist.get_rank(), dist.get_world_size(), dist.get_backend(), state.distributed_type.value]
+# one write: print(a, b, ...) writes each piece on its own, and two processes share the pipe
+sys.stdout.write("RANK " + " ".join(map(str, [*fields, os.environ.get("LOCAL_RANK")])) + "\\n")
+sys.stdout.flush()
 dist.barrier()
 """
 
@@ -188,7 +192,8 @@ def _launch(flags: list[str], script: Path) -> subprocess.Popen:
 def _lines(process: subprocess.Popen) -> list[str]:
     out, _ = process.communicate(timeout=240)
     assert process.returncode == 0, out
-    return sorted(line for line in out.splitlines() if line.startswith("RANK "))
+    # found anywhere in a line: the two processes' stderr (merged in) may end a line without a newline
+    return sorted(re.findall(r"RANK \d+ \d+ \w+ \w+ \d+", out))
 
 
 def test_cpu2_starts_two_gloo_ranks(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mainlib import data, generate, prompts, shards
+from mainlib import data, distributed, generate, prompts, shards
 from mainlib.adapters import ModelBank, Shared, same_model
 from mainlib.config import SELF_INSTRUCT, MuscConfig, validate
 from mainlib.generate import Generation, GenerationSettings
@@ -93,7 +93,7 @@ def policy_writer(ctx: StageContext, index: int | None = None) -> coarse.Complet
     def complete(texts: Sequence[str], settings: GenerationSettings, desc: str) -> list[Generation]:
         if index is not None:
             settings = dataclasses.replace(settings, seed=shards.shard_seed(settings.seed, index))
-        with ctx.shared.bank.use(start_policy(ctx)) as model:
+        with ctx.shared.bank.generator(start_policy(ctx), settings) as model:
             return coarse.writer(model, ctx.shared.tokenizer)(texts, settings, desc)
 
     return complete
@@ -121,9 +121,10 @@ def instructions(ctx: StageContext) -> dict[str, Any]:
     """The complex instructions: a sample of a pool, or written by the starting policy ("self")."""
     c = ctx.config
     if c.instructions == SELF_INSTRUCT:
-        records, counts = coarse.self_instruct(
-            c.n or 24, ctx.shared.tokenizer, policy_writer(ctx), c.coarse, c.self_instruct_constraints
-        )
+        with ctx.shared.bank.engine_scope():
+            records, counts = coarse.self_instruct(
+                c.n or 24, ctx.shared.tokenizer, policy_writer(ctx), c.coarse, c.self_instruct_constraints
+            )
     else:
         pool = load_instructions(c.instructions)
         records, _ = data.sample_pairs(pool, c.n, c.seed)  # any list samples the same way
@@ -138,7 +139,8 @@ def coarse_step(ctx: StageContext, step: Callable, rows: Iterable[Row]) -> dict[
     def work(chunk: list[Row], index: int) -> tuple[list[Row], dict[str, int]]:
         return step(chunk, ctx.shared.tokenizer, policy_writer(ctx, index), ctx.config.coarse)
 
-    return shard_counts(run_shards(ctx, rows, work))
+    with ctx.shared.bank.engine_scope():
+        return shard_counts(run_shards(ctx, rows, work))
 
 
 def decompose(ctx: StageContext) -> dict[str, Any]:
@@ -207,7 +209,7 @@ def tdpo(ctx: StageContext) -> dict[str, Any]:
     result = weighted_dpo.train_bank_tdpo(ctx.shared.bank, TRAINED, tokenizer, rows, c.dpo, ctx.dir / "trainer")
     saved = {"start_adapter": c.adapter, "lora": asdict(c.lora), "dpo": c.dpo.to_dict(), "weights": asdict(c.weights)}
     ctx.shared.bank.save(TRAINED, ctx.dir / "model", tokenizer, saved)  # the bank adds base_model, quantization
-    write_json(ctx.dir / "dpo_result.json", result.to_dict())
+    distributed.on_main(lambda: write_json(ctx.dir / "dpo_result.json", result.to_dict()))
     return {**result.counts, "seconds": result.seconds}
 
 
@@ -219,7 +221,9 @@ def sharded(
     code: tuple[ModuleType, ...],
 ) -> Stage:
     """A resumable stage over the rows of the stage it needs, in shards of `shard_size`."""
-    return Stage(name, compute, reads=("shard_size", *reads), needs=(needs,), code=code, resumable=True)
+    return Stage(
+        name, compute, reads=("shard_size", *reads), needs=(needs,), code=code, resumable=True, every_process=True
+    )
 
 
 def musc_stages(config: MuscConfig) -> list[Stage]:
@@ -241,7 +245,7 @@ def musc_stages(config: MuscConfig) -> list[Stage]:
         sharded("contrast", contrast, corrupt, "decompose", (coarse, musc_prompts, generate)),
         sharded("respond", respond, answer, "contrast", (coarse, prompts, generate)),
         sharded("token_weights", token_weights, (*MODEL, "weights"), "respond", (tokens, prompts)),
-        Stage("tdpo", tdpo, reads=train, needs=("token_weights",), code=(weighted_dpo, prompts)),
+        Stage("tdpo", tdpo, reads=train, needs=("token_weights",), code=(weighted_dpo, prompts), every_process=True),
     ]
 
 
@@ -307,6 +311,6 @@ def run_musc(config: MuscConfig, until: str = "tdpo", force: bool = False) -> Mu
     validate(config)
     check_start_adapter(config)
     run = Run(Path(config.runs_dir) / config.run_name / "musc", config.identity(), force=force)
-    bank = ModelBank(config.model, config.quantization, config.dpo.gradient_checkpointing)  # loads on first use
+    bank = ModelBank(config.model, config.quantization, config.dpo.gradient_checkpointing, vllm=config.vllm)
     shared = Shared(load_tokenizer(config.adapter or config.model), bank)
     return MuscState.from_results(run.execute(musc_stages(config), config, until, shared))

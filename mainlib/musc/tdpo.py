@@ -48,7 +48,10 @@ class DPOSettings:
     beta: float = field(default=0.1, metadata={"help": "DPO temperature β", "range": "(0, inf)"})
     learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate", "range": "(0, inf)"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the preference pairs", "range": "(0, inf)"})
-    batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch", "range": "[1, inf)"})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "pairs per micro-batch, all processes together (each of N takes 1/N)", "range": "[1, inf)"},
+    )
     grad_accum: int = field(
         default=1,
         metadata={
@@ -202,12 +205,10 @@ class TokenWeightedDPOTrainer(DPOTrainer):
 def dpo_config(settings: DPOSettings, output_dir: str | Path) -> DPOConfig:
     """The TRL config: sigmoid loss, no checkpoints on disk, no external loggers, precision for the device."""
     return DPOConfig(
-        **run_arguments(output_dir, settings.seed),
+        **run_arguments(output_dir, settings.seed, settings.batch_size),
         beta=settings.beta,
         loss_type=["sigmoid"],
         num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.scheduler,
