@@ -290,7 +290,8 @@ class ModelBank:
         """The stage's engine, made at its first use; the HF models leave the GPU first (`release`)."""
         if self._engine is None:
             self.release()
-            self._engine = VllmEngine(models.resolve_model(self.base_model), self.vllm)
+            quantized = models.quantization_config(self.quantization, models.default_device()) is not None
+            self._engine = VllmEngine(models.resolve_model(self.base_model), self.vllm, quantized)
         return self._engine
 
     @contextmanager

@@ -142,7 +142,8 @@ def generate_ids(
     pad_id: int,
     desc: str = "generating",
 ) -> list[TokenGeneration]:
-    """Complete already-tokenised prompts with the `hf` or `static` engine; results in input order."""
+    """Complete already-tokenised prompts; results in input order. `model` is a transformers model (engines `hf`,
+    `static`) or, under vLLM, the `VllmAdapter` that `ModelBank.generator` hands out."""
     if isinstance(model, VllmAdapter):
         return model.engine.generate_ids(encoded, settings, eos_ids, model.adapter_dir)
     engine = resolve_engine(settings)
@@ -256,7 +257,7 @@ class VllmEngine:
     so its share of the GPU goes back to training.
     """
 
-    def __init__(self, base_model: str, settings: VllmSettings, seed: int = 0) -> None:
+    def __init__(self, base_model: str, settings: VllmSettings, quantized: bool = False, seed: int = 0) -> None:
         if not vllm_available():
             raise ModuleNotFoundError("engine='vllm' needs the vllm package: pip install vllm (CUDA only)")
         from vllm import LLM
@@ -273,6 +274,7 @@ class VllmEngine:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             tensor_parallel_size=settings.tensor_parallel_size,
             seed=seed,
+            **({"quantization": "bitsandbytes"} if quantized else {}),  # QLoRA adapters on the 4-bit base they know
             **launched,
         )
         self._lora_ids: dict[Path, int] = {}  # vLLM caches a LoRA by its integer id: one id per folder

@@ -244,6 +244,27 @@ class WeightedSFTTrainer(SFTTrainer):
             sampler.batch_size *= self.accelerator.num_processes
         return sampler
 
+    @torch.no_grad()
+    def _log_metrics(self, mode: str, per_example, groups, is_top1, mask, inputs: dict, packed: bool) -> None:
+        """Each group's unweighted mean loss, token accuracy and tokens seen, summed over all processes in one
+        reduce (so the log is the whole global batch's, not the main process's share); TRL's `log` averages them
+        over the micro-batches of a logging step."""
+        ids = inputs["input_ids"]
+        real = ids.new_tensor(ids.numel()) if packed else inputs["attention_mask"].sum()  # tokens, pads excluded
+        correct = (is_top1 * mask).sum() if is_top1 is not None else mask.new_zeros(())
+        parts = [per_example[groups == SEED].sum(), (groups == SEED).sum(), per_example[groups == SYNTHETIC].sum()]
+        parts += [(groups == SYNTHETIC).sum(), correct, mask.sum(), real]
+        totals = self.accelerator.reduce(torch.stack([p.float() for p in parts]), "sum").tolist()
+        seed_sum, seed_n, synthetic_sum, synthetic_n, correct_n, target_n, real_n = totals
+        for name, total, n in (("seed_loss", seed_sum, seed_n), ("synthetic_loss", synthetic_sum, synthetic_n)):
+            if n:
+                self._metrics[mode][name].append(total / n)
+        if is_top1 is not None:
+            self._metrics[mode]["mean_token_accuracy"].append(correct_n / max(target_n, 1))
+        if mode == "train":
+            self._total_train_tokens += int(real_n)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         weights, groups = inputs.pop("weight"), inputs.pop("group")
@@ -256,19 +277,7 @@ class WeightedSFTTrainer(SFTTrainer):
             per_example = per_example_nll(outputs.log_probs, mask)
         loss = weighted_loss(per_example, weights)
 
-        # Metrics, averaged by TRL's `log`: each group's unweighted mean loss, and token accuracy.
-        with torch.no_grad():
-            for name, value in ((SEED, "seed_loss"), (SYNTHETIC, "synthetic_loss")):
-                chosen = groups == name
-                if chosen.any():
-                    self._metrics[mode][value].append(per_example[chosen].mean().item())
-            if outputs.is_top1 is not None:
-                accuracy = (outputs.is_top1 * mask).sum() / mask.sum().clamp(min=1)
-                self._metrics[mode]["mean_token_accuracy"].append(accuracy.item())
-        if mode == "train":
-            real = inputs["input_ids"].numel() if packed else int(inputs["attention_mask"].sum())
-            self._total_train_tokens += real
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        self._log_metrics(mode, per_example, groups, outputs.is_top1, mask, inputs, packed)
         return (loss, outputs) if return_outputs else loss
 
 

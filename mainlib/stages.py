@@ -346,9 +346,10 @@ class Run:
         self.calls[stage.name] = self.calls.get(stage.name, 0) + 1
         start = time.perf_counter()
         if stage.every_process:
-            counts = compute()
-            compute = lambda: counts  # noqa: E731 (the main process's counts go into the manifest)
-        manifest = distributed.on_main(lambda: self._finish(stage.name, fp, key, compute(), start))
+            counts = compute()  # the main process's counts go into the manifest
+            manifest = distributed.on_main(lambda: self._finish(stage.name, fp, key, counts, start))
+        else:
+            manifest = distributed.on_main(lambda: self._finish(stage.name, fp, key, compute(), start))
         return StageResult(stage.name, self.dir / stage.name, False, manifest)
 
     def _finish(self, name: str, fp: str, key: dict[str, Any], counts: dict[str, Any], start: float) -> dict[str, Any]:

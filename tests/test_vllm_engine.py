@@ -83,6 +83,7 @@ def test_synthesis_runs_one_engine_per_stage_with_lora_requests_and_per_request_
     assert fake_vllm.events == ["release", "engine", "shutdown"]  # HF models out, one engine, freed at the end
     (made,) = fake_vllm.made
     assert made["model"] == str(Path(main_config.model)) and made["enable_lora"] is True
+    assert "quantization" not in made  # the bank's base is not 4-bit here (CPU): nor is vLLM's
     assert made["gpu_memory_utilization"] == 0.4 and made["tensor_parallel_size"] == 1 and made["max_lora_rank"] == 8
     run = Path(config.runs_dir) / config.run_name
     assert len(fake_vllm.calls) == 2  # 4 responses, shards of 2
