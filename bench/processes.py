@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
+
 from mainlib.config import MainConfig, build
+from mainlib.plots import save_figure
 from mainlib.results import provenance, write_json
 from mainlib.run import parse_overrides
 
@@ -62,6 +65,44 @@ def stage_rates(run_dir: Path) -> dict[str, Any]:
     return rates
 
 
+def agreement(runs: list[Path]) -> dict[str, Any]:
+    """Whether every run wrote what the first did: the same synthesis bytes, scores within float rounding."""
+
+    def scores(run: Path) -> list[dict[str, float]]:
+        files = sorted((run / "score" / "shards").glob("*.jsonl"))
+        return [json.loads(line) for path in files for line in path.read_text().splitlines()]
+
+    rows = scores(runs[0])
+    synthesis = {(run / "synthesize" / "rows.jsonl").read_bytes() for run in runs}
+    gaps = [abs(a[k] - b[k]) for run in runs[1:] for a, b in zip(scores(run), rows, strict=True) for k in a]
+    return {"same_synthesis": len(synthesis) == 1, "max_score_difference": max(gaps, default=0.0)}
+
+
+def report(results: dict[str, Any], runs: list[Path], payload: dict[str, Any], out: Path) -> None:
+    """Speedups against the first process count, the outputs' agreement, the JSON and its figure."""
+    first = next(iter(results.values()))["stages"]
+    for result in results.values():
+        for stage, rate in result["stages"].items():
+            rate["speedup"] = rate["rows_per_second"] / first[stage]["rows_per_second"]
+    payload = {**payload, "processes": results, "agreement": agreement(runs), "provenance": provenance()}
+    write_json(out, payload)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    width = 0.8 / len(results)
+    for i, (n, result) in enumerate(results.items()):
+        rates = [result["stages"][stage]["rows_per_second"] for stage in DATA_STAGES]
+        bars = ax.bar([x + i * width for x in range(len(DATA_STAGES))], rates, width, label=f"{n} process(es)")
+        ax.bar_label(bars, [f"x{result['stages'][s]['speedup']:.2f}" for s in DATA_STAGES], fontsize=8)
+    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(DATA_STAGES))], DATA_STAGES)
+    ax.set_ylabel("rows per second")
+    ax.set_title(f"data stages by process count ({payload['provenance']['device']})", fontsize=9)
+    ax.legend(fontsize=8)
+    save_figure(fig, out.parent, out.stem)
+    for n, result in results.items():
+        rates = result["stages"].items()
+        line = ", ".join(f"{s} {r['rows_per_second']:.2f} rows/s (x{r['speedup']:.2f})" for s, r in rates)
+        print(f"[processes] {n}: {line}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.processes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="quickstart")
@@ -83,18 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[processes] {n} process(es): {', '.join(DATA_STAGES)}", flush=True)
         wall = launch(args.recipe, [*args.set, f"run_name={name}"], n, DATA_STAGES[-1])
         results[str(n)] = {"wall_seconds": wall, "stages": stage_rates(runs / name)}
-    one = results[str(args.processes[0])]["stages"]
-    for result in results.values():
-        for stage, rate in result["stages"].items():
-            rate["speedup"] = rate["rows_per_second"] / one[stage]["rows_per_second"]
     command = "python -m bench.processes " + " ".join(argv if argv is not None else sys.argv[1:])
-    payload = {"command": command, "recipe": args.recipe, "overrides": args.set, "processes": results}
-    write_json(Path(args.out), {**payload, "provenance": provenance()})
-    for n, result in results.items():
-        line = ", ".join(
-            f"{s} {r['rows_per_second']:.2f} rows/s (x{r['speedup']:.2f})" for s, r in result["stages"].items()
-        )
-        print(f"[processes] {n}: {line}")
+    payload = {"command": command, "recipe": args.recipe, "overrides": args.set}
+    report(results, [runs / f"{base}-p{n}" for n in args.processes], payload, Path(args.out))
     return 0
 
 
