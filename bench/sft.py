@@ -90,7 +90,7 @@ def stock_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, out: 
             "completion_mask": [[0] * e.prompt_len + [1] * (len(e.input_ids) - e.prompt_len) for e in examples],
         }
     )
-    args = SFTConfig(**run_arguments(out, 0), per_device_train_batch_size=case.batch_size, max_length=case.lengths[1])
+    args = SFTConfig(**run_arguments(out, 0, case.batch_size), max_length=case.lengths[1])
     return SFTTrainer(
         model=load_model(str(path)),
         args=args,

@@ -90,7 +90,7 @@ def run(case: DPOCase) -> dict:
     record: dict = {"case": asdict(case), "lora": asdict(LORA), "gradient_checkpointing": STOCK_CHECKPOINTING}
     with tempfile.TemporaryDirectory() as out:
         free_memory()
-        args = DPOConfig(**run_arguments(out, 0), per_device_train_batch_size=case.batch_size, loss_type=["sigmoid"])
+        args = DPOConfig(**run_arguments(out, 0, case.batch_size), loss_type=["sigmoid"])
         stock = PretokenisedDPOTrainer(
             model=load_model(str(path)),
             args=args,

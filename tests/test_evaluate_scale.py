@@ -157,10 +157,10 @@ def test_vllm_gets_a_lora_per_label_and_the_parallel_settings(
 ) -> None:
     adapters = {"base": None, "A": adapter_a}
     common = dict(data="bundled", limit=2, max_gen_toks=8, apply_chat_template=False, results_dir=str(tmp_path))
-    hf = compare(str(tiny_model_dir), adapters, ["mmlu", "gsm8k"], quantization="none", run_name="hf", **common)
+    hf = compare(str(tiny_model_dir), adapters, ["mmlu"], quantization="none", run_name="hf", **common)
     calls = use_stand_in_vllm(monkeypatch)
     parallel = dict(gpu_memory_utilization=0.5, tensor_parallel_size=2, data_parallel_size=2)
-    rows = compare(str(tiny_model_dir), adapters, ["mmlu", "gsm8k"], run_name="vllm", **parallel, **common)
+    rows = compare(str(tiny_model_dir), adapters, ["mmlu"], run_name="vllm", **parallel, **common)
 
     engine = dict(pretrained=str(tiny_model_dir), dtype="auto", quantization=None, batch_size="auto", seed=0)
     engine |= parallel
