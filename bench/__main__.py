@@ -23,7 +23,7 @@ from bench.sft import VARIANTS, SFTCase, run_case
 from mainlib.results import provenance, write_json
 
 SMOKE_VARIANTS = ("default", "checkpointed", "flex_packed", "liger")  # the last two: recorded as skipped on CPU
-CPU_VARIANTS = ("default", "checkpointed", "sdpa_packed")
+CPU_VARIANTS = ("default", "unquantized", "checkpointed", "sdpa_packed", "sdpa_packed_checkpointed")
 GPU_7B_VARIANTS = ("default", "checkpointed", "flex_packed_checkpointed", "liger_checkpointed")
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             payload["suites"][suite] = result
         payload["commands"][name] = command
         free_memory()
-        payload["verdicts"] = verdicts(payload["suites"])
+        payload["verdicts"] = verdicts(payload["suites"], args.profile)
         payload["checks"] = checks(payload["suites"])
         payload.setdefault("profiles", {})[name] = args.profile
         payload["provenance"] = provenance()

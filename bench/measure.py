@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,22 +23,46 @@ def cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def stock_quantization() -> str:
+    """How a stock path loads the model: the QLoRA recipe's 4-bit NF4 on CUDA, transformers' fp32 on CPU (ours
+    load with mainlib's default, `auto`, which on a CPU with bf16 instructions means bf16 weights)."""
+    return "4bit" if cuda() else "none"
+
+
 def sync() -> None:
     if cuda():
         torch.cuda.synchronize()
 
 
 def free_memory() -> None:
-    """Drop what the last path left behind, so the next one's peak is its own."""
+    """Drop what the last path left behind, so the next one's peak is its own.
+
+    On CPU the peak is the process's peak resident set (VmHWM): glibc's `malloc_trim` first hands freed heap back
+    to the OS, then writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    """
     gc.collect()
     if cuda():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_gib() -> float | None:
-    """Peak GPU memory allocated since the last `free_memory` (None on CPU)."""
-    return torch.cuda.max_memory_allocated() / GIB if cuda() else None
+    """Peak GPU memory allocated, or on CPU the peak resident set, since the last `free_memory` (None where the
+    platform has no counter)."""
+    if cuda():
+        return torch.cuda.max_memory_allocated() / GIB
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / GIB  # kB
+    return None
 
 
 @dataclass

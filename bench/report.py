@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# (label, path of keys to the measured ratio, comparison, target): the issue's targets on an H100.
-TARGETS: list[tuple[str, tuple[str, ...], str, float]] = [
+Target = tuple[str, tuple[str, ...], str, float]  # (label, path of keys to the measured value, comparison, target)
+
+# The targets on an H100 / H200 (the `gpu` profile; `smoke` reads them too).
+GPU_TARGETS: list[Target] = [
     ("SFT 1B tokens/s vs stock", ("sft", "llama-3.2-1b", "speedup"), ">=", 2.0),
     ("SFT 1B peak memory vs stock", ("sft", "llama-3.2-1b", "memory_ratio"), "<=", 1.0),
     ("SFT 7B tokens/s vs stock", ("sft", "llama-2-7b", "speedup"), ">=", 1.5),
@@ -18,6 +20,16 @@ TARGETS: list[tuple[str, tuple[str, ...], str, float]] = [
     ("token-weighted DPO peak memory vs stock", ("tdpo", "memory_ratio"), "<=", 1.05),
 ]
 
+# The targets on the 2-core CPU (the `cpu` profile, SmolLM2-135M shape); memory is the peak resident set.
+CPU_TARGETS: list[Target] = [
+    ("SFT tokens/s vs stock TRL", ("sft", "smollm2-135m", "speedup"), ">=", 2.5),
+    ("SFT peak RSS vs stock TRL", ("sft", "smollm2-135m", "memory_ratio"), "<=", 1.0),
+    ("generation tokens/s vs stock", ("generate", "speedup"), ">=", 3.0),
+    ("scoring pairs/s vs naive loop", ("score", "speedup"), ">=", 2.0),
+    ("token-weighted DPO step time vs stock", ("tdpo", "step_time_ratio"), "<=", 1.0),
+]
+TARGETS = {"gpu": GPU_TARGETS, "smoke": GPU_TARGETS, "cpu": CPU_TARGETS}
+
 
 def _get(tree: dict, path: tuple[str, ...]) -> Any:
     for key in path:
@@ -27,10 +39,10 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def verdicts(suites: dict) -> list[dict]:
-    """One row per target: the measured value (None when not measured, e.g. memory on CPU) and whether it holds.
+def verdicts(suites: dict, profile: str = "gpu") -> list[dict]:
+    """One row per target of `profile`: the measured value (None when not measured) and whether it holds.
 
-    The SFT row of the first shape measured stands in for the 1B one when the 1B shape was not run (CPU profile).
+    GPU targets: the SFT row of the first shape measured stands in for the 1B one when the 1B shape was not run.
     """
     rows = []
     sft = suites.get("sft", {})
@@ -38,7 +50,7 @@ def verdicts(suites: dict) -> list[dict]:
     if "llama-3.2-1b" not in sft and sft:
         stand_in = next(k for k, v in sft.items() if isinstance(v, dict) and "speedup" in v)
         suites = {**suites, "sft": {**sft, "llama-3.2-1b": sft[stand_in]}}
-    for label, path, op, target in TARGETS:
+    for label, path, op, target in TARGETS[profile]:
         value = _get(suites, path)
         if stand_in and path[:2] == ("sft", "llama-3.2-1b"):
             label = label.replace("1B", stand_in)

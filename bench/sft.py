@@ -1,8 +1,9 @@
 """`sft` and `memory`: our weighted SFT against stock TRL `SFTTrainer` defaults (QLoRA nf4, LoRA r16 all-linear).
 
-Both load the model the same way (`mainlib.models.load_model`: 4-bit NF4 on CUDA, full precision on CPU)
-and get the same random examples; what differs is the trainer. Stock: `SFTTrainer` with its defaults
-(gradient checkpointing on, padded batches) and `peft_config`. Ours: `mainlib.sft.make_trainer`, in the
+Both get the same random examples. Stock: `SFTTrainer` with its defaults (gradient checkpointing on, padded
+batches) and `peft_config`, on the model as the QLoRA recipe loads it on CUDA (4-bit NF4) and as transformers
+does on CPU (fp32). Ours: mainlib's default load (4-bit on CUDA; on a CPU with bf16 matrix instructions, bf16
+base weights under fp32 LoRA weights) and `mainlib.sft.make_trainer`, in the
 variants below, so one run shows which pays; `ours` is the first variant of the case (the library default
 unless the case says otherwise), and every variant's ratios are recorded.
 """
@@ -17,10 +18,10 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from bench.measure import close, cuda, free_memory, peak_gib, random_examples, ratio, trace
+from bench.measure import close, cuda, free_memory, peak_gib, random_examples, ratio, stock_quantization, trace
 from bench.shapes import build_shape
 from bench.trainers import one_more_step, train_steps
-from mainlib.models import LoraSettings, add_lora, load_model, load_tokenizer, lora_config
+from mainlib.models import LoraSettings, Quantization, add_lora, load_model, load_tokenizer, lora_config
 from mainlib.prompts import Encoded
 from mainlib.sft import SFTSettings, WeightedCollator, make_trainer
 from mainlib.training import run_arguments
@@ -36,12 +37,15 @@ class Variant:
     attn_implementation: str | None = None
     packing: bool | None = None
     liger: bool = False  # Liger's RMSNorm, RoPE and SwiGLU kernels (CUDA, when liger-kernel is installed)
+    quantization: Quantization = "auto"  # mainlib's default: 4-bit on CUDA, bf16 weights on a CPU with bf16 matmuls
 
 
 VARIANTS: dict[str, Variant] = {
     "default": Variant(),  # SDPA, length-grouped padded batches, no checkpointing
+    "unquantized": Variant(quantization="none"),  # the default at the device's full precision (fp32 on CPU)
     "checkpointed": Variant(gradient_checkpointing=True),
     "sdpa_packed": Variant(packing=True),  # packed rows under SDPA: a dense block-diagonal mask
+    "sdpa_packed_checkpointed": Variant(gradient_checkpointing=True, packing=True),
     "flex_packed": Variant(attn_implementation="flex_attention"),  # packing follows (varlen kernel)
     "flex_packed_checkpointed": Variant(gradient_checkpointing=True, attn_implementation="flex_attention"),
     "liger": Variant(liger=True),
@@ -92,7 +96,7 @@ def stock_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, out: 
     )
     args = SFTConfig(**run_arguments(out, 0, case.batch_size), max_length=case.lengths[1])
     return SFTTrainer(
-        model=load_model(str(path)),
+        model=load_model(str(path), stock_quantization()),
         args=args,
         train_dataset=data,
         processing_class=tokenizer,
@@ -116,7 +120,7 @@ def our_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, variant
         packing=variant.packing,
     )
     torch.manual_seed(0)
-    model = load_model(str(path), attn_implementation=variant.attn_implementation)
+    model = load_model(str(path), variant.quantization, attn_implementation=variant.attn_implementation)
     if variant.liger:
         apply_liger(model)
     model = add_lora(model, LORA, variant.gradient_checkpointing)

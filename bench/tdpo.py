@@ -1,8 +1,9 @@
 """`tdpo`: one token-weighted DPO step against one stock TRL `DPOTrainer` (sigmoid) step on the same data.
 
 Both get the same pre-tokenised pairs (the stock trainer only skips re-tokenising them, as ours does),
-TRL's default gradient checkpointing, a fresh LoRA r16 adapter and the base as reference: what is
-measured is the cost of the per-token weights.
+TRL's default gradient checkpointing, a fresh LoRA r16 adapter and the base as reference. Stock runs on the
+stock load (4-bit on CUDA, fp32 on CPU), ours on mainlib's default load (the same on CUDA, where what is
+measured is the cost of the per-token weights; bf16 weights on a CPU with bf16 matrix instructions).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from bench.measure import close, free_memory, peak_gib, ratio, trace
+from bench.measure import close, free_memory, peak_gib, ratio, stock_quantization, trace
 from bench.sft import LORA
 from bench.shapes import EOS_ID, PAD_ID, build_shape
 from bench.trainers import one_more_step, train_steps
@@ -92,7 +93,7 @@ def run(case: DPOCase) -> dict:
         free_memory()
         args = DPOConfig(**run_arguments(out, 0, case.batch_size), loss_type=["sigmoid"])
         stock = PretokenisedDPOTrainer(
-            model=load_model(str(path)),
+            model=load_model(str(path), stock_quantization()),
             args=args,
             train_dataset=data.remove_columns(["chosen_weights", "rejected_weights"]),
             processing_class=tokenizer,
@@ -107,13 +108,22 @@ def run(case: DPOCase) -> dict:
         del stock
         free_memory()
         settings = DPOSettings(batch_size=case.batch_size, gradient_checkpointing=STOCK_CHECKPOINTING)
-        ours = make_trainer(load_model(str(path)), tokenizer, data, settings, out, peft_config=lora_config(LORA))
-        ours_loss = _loss_on(ours, unit, TokenWeightedCollator(pad_token_id=tokenizer.pad_token_id))
+
+        def ours_on(quantization: str):
+            model = load_model(str(path), quantization)
+            return make_trainer(model, tokenizer, data, settings, out, peft_config=lora_config(LORA))
+
+        # Weights of 1 must give stock DPO's loss: checked on the stock load, so only the loss code differs.
+        ours_loss = _loss_on(
+            ours_on(stock_quantization()), unit, TokenWeightedCollator(pad_token_id=tokenizer.pad_token_id)
+        )
+        free_memory()
+        ours = ours_on("auto")  # timed on mainlib's default load
         record["ours"] = {**train_steps(ours, case.warmup, case.steps), "peak_gib": peak_gib()}
         record["ours"]["trace"] = trace(lambda t=ours: one_more_step(t))
         del ours
     free_memory()
-    fp32 = record["ours"]["dtype"] == "torch.float32"  # bf16 on GPU: rewards are differences of long sums
+    fp32 = stock_quantization() == "none"  # CPU; on CUDA a 4-bit base in bf16: rewards are differences of long sums
     record["check"] = {"unit_weights_loss_vs_stock": close(ours_loss, stock_loss, rel=1e-5 if fp32 else 2e-2)}
     record["step_time_ratio"] = ratio(record["ours"]["step_seconds_median"], record["stock"]["step_seconds_median"])
     record["memory_ratio"] = ratio(record["ours"]["peak_gib"], record["stock"]["peak_gib"])

@@ -112,7 +112,11 @@ class MainConfig:
         metadata={"help": "bundled key, local model folder, or hub id (owner/name)", "source": "model"},
     )
     quantization: Quantization = field(
-        default="auto", metadata={"help": "auto: 4-bit NF4 (QLoRA) on CUDA, none (LoRA) on CPU; or 4bit / none"}
+        default="auto",
+        metadata={
+            "help": "auto: 4-bit NF4 (QLoRA) on CUDA, bf16 base weights on a CPU with bf16 matmuls (AMX/AVX512-BF16), "
+            "else none (full precision); or 4bit / bf16 / none. LoRA weights are fp32 in every case"
+        },
     )
     seed_data: str = field(
         default="bundled:seed",
@@ -192,7 +196,11 @@ class MuscConfig:
         metadata={"help": "a mainlib adapter folder to start from (e.g. MAIN's); None: the base", "source": "adapter"},
     )
     quantization: Quantization = field(
-        default="auto", metadata={"help": "auto: 4-bit NF4 (QLoRA) on CUDA, none (LoRA) on CPU; or 4bit / none"}
+        default="auto",
+        metadata={
+            "help": "auto: 4-bit NF4 (QLoRA) on CUDA, bf16 base weights on a CPU with bf16 matmuls (AMX/AVX512-BF16), "
+            "else none (full precision); or 4bit / bf16 / none. LoRA weights are fp32 in every case"
+        },
     )
     instructions: str = field(
         default="bundled:complex_instructions",

@@ -123,7 +123,11 @@ class EvalSettings:
         metadata={"help": "rows decoded together in greedy generation (continuous batching); 0: lm-eval's own"},
     )
     quantization: str = field(
-        default="auto", metadata={"help": "auto (hf: 4-bit on CUDA, none on CPU; vllm: none), 4bit or none"}
+        default="auto",
+        metadata={
+            "help": "auto (hf: 4-bit on CUDA, bf16 weights on a CPU with bf16 matmuls, else none; vllm: none), "
+            "4bit, bf16 or none"
+        },
     )
     backend: str = field(
         default="auto",
@@ -156,9 +160,11 @@ class EvalSettings:
     )
 
     def __post_init__(self) -> None:
+        from mainlib.models import QUANTIZATIONS
+
         _check_choice("data", self.data, (None, *TASK_NAMES))
         _check_choice("apply_chat_template", self.apply_chat_template, ("auto", True, False))
-        _check_choice("quantization", self.quantization, ("auto", "4bit", "none"))
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("backend", self.backend, BACKENDS)
         for name in RULES:
             check_setting(name, getattr(self, name))
@@ -445,10 +451,10 @@ def data_parallel_lms(
     from mainlib.lm import ContinuousHFLM
     from mainlib.models import (
         attention_implementation,
-        compute_dtype,
         default_device,
         quantization_config,
         resolve_model,
+        weights_dtype,
     )
 
     device = default_device()
@@ -458,7 +464,7 @@ def data_parallel_lms(
     load = {
         "pretrained": resolve_model(model),
         "tokenizer": tokenizer,
-        "dtype": compute_dtype(device),
+        "dtype": weights_dtype(s.quantization, device),
         "quantization_config": quantization_config(s.quantization, device),
         "batch_size": resolve_batch_size(s.batch_size, device),
         "slots": s.generation_slots,
@@ -476,7 +482,7 @@ def vllm_lms(model: str, adapters: Mapping[str, str | None], s: EvalSettings) ->
     vllm_lm = get_model("vllm")
     engine = {
         "pretrained": resolve_model(model),
-        "dtype": "auto",
+        "dtype": "bfloat16" if s.quantization == "bf16" else "auto",
         "quantization": "bitsandbytes" if s.quantization == "4bit" else None,
         "batch_size": s.batch_size,
         "seed": s.seed,
@@ -503,8 +509,12 @@ def label_lms(model: str, adapters: Mapping[str, str | None], s: EvalSettings, t
 
 
 def model_fingerprint(model: str, adapter: str | None, quantization: str) -> str:
-    """Names an lm-eval request cache: its keys are the requests only, so each model state needs its own file."""
-    digest = hashlib.sha256(f"{model}|{quantization}".encode())
+    """Names an lm-eval request cache: its keys are the requests only, so each model state needs its own file (the
+    weights' dtype is part of that state: `auto` loads bf16 on one CPU and fp32 on another)."""
+    from mainlib.models import default_device, weights_dtype
+
+    dtype = weights_dtype(quantization, default_device())  # type: ignore[arg-type]
+    digest = hashlib.sha256(f"{model}|{quantization}|{dtype}".encode())
     if adapter:
         for path in sorted(Path(adapter).glob("adapter_model.*")):
             digest.update(path.read_bytes())

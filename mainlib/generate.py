@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from mainlib import distributed
 from mainlib.batching import token_budget_batches
@@ -110,6 +110,45 @@ class Generation:
         return asdict(self)
 
 
+NUCLEUS_BINS, NUCLEUS_FLOOR = 2048, -40.0  # log p buckets of width 40 / 2048 ≈ 0.02 over [-40, 0]
+
+
+def nucleus(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which tokens top-p sampling keeps, from a histogram of log p instead of a sort of the whole vocabulary.
+
+    Each row's probability mass is summed per log p bucket; the kept buckets are those from the top down to the
+    one where the cumulative mass reaches `top_p`, and that bucket is kept whole. So the set is transformers'
+    (the most likely tokens up to the one whose cumulative mass crosses `top_p`) plus the tokens of the crossing
+    bucket below it: tokens whose probability is within a factor exp(0.02) = 1.02 of the last one kept.
+    """
+    bucket = ((logp - NUCLEUS_FLOOR) * (NUCLEUS_BINS / -NUCLEUS_FLOOR)).clamp_(0, NUCLEUS_BINS - 1).long()
+    mass = logp.new_zeros(logp.shape[0], NUCLEUS_BINS).scatter_add_(1, bucket, logp.exp())
+    from_top = mass.flip(-1).cumsum(-1).flip(-1)  # mass of bucket b and every bucket above it
+    crossing = (from_top >= top_p).sum(dim=-1, keepdim=True) - 1  # highest bucket whose cumulative mass >= top_p
+    return bucket >= crossing
+
+
+class NucleusSampler(LogitsProcessor):
+    """Temperature and top-p sampling as a logits processor whose output's argmax is the sample, so `generate`
+    decodes greedily: log p over the nucleus plus Gumbel noise, -log(-log u), is a draw from the renormalised
+    nucleus (the Gumbel-max trick).
+
+    Why: on CPU transformers' top-p sorts the whole vocabulary every step and `multinomial` draws an exponential
+    per token; the two took 30% of a decode step of the SmolLM2-135M shape at batch 16 (`python -m bench generate
+    --trace`). Here: a histogram (`nucleus`) and one uniform per token. Seeded by the global generator, as stock.
+    """
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            logp = logp.masked_fill(~nucleus(logp, self.top_p), float("-inf"))
+        uniform = torch.rand_like(logp).clamp_(min=torch.finfo(logp.dtype).tiny)  # [0, 1) -> (0, 1)
+        return logp - torch.log(-torch.log(uniform))
+
+
 def plan_batches(lengths: Sequence[int], settings: GenerationSettings) -> list[list[int]]:
     """Indices grouped into batches, shortest prompts first, each within the token budget."""
     return token_budget_batches(lengths, settings.token_budget, settings.max_batch_size, settings.max_new_tokens)
@@ -162,6 +201,8 @@ def generate_ids(
     results: list[TokenGeneration | None] = [None] * len(encoded)
     sampling = settings.temperature > 0
     extra = {"cache_implementation": "static"} if engine == "static" else {}
+    if sampling:  # greedy over NucleusSampler's output is the sample
+        extra["logits_processor"] = LogitsProcessorList([NucleusSampler(settings.temperature, settings.top_p)])
     with tqdm(total=len(encoded), desc=desc, unit="prompt") as bar:
         for batch in plan_batches([len(e) for e in encoded], settings):
             width = max(len(encoded[i]) for i in batch)
@@ -171,9 +212,9 @@ def generate_ids(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 max_new_tokens=settings.max_new_tokens,
-                do_sample=sampling,
-                temperature=settings.temperature if sampling else None,
-                top_p=settings.top_p if sampling else None,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
                 top_k=None,
                 eos_token_id=list(eos_ids),
                 pad_token_id=pad_id,
@@ -217,7 +258,8 @@ def generate(
 
 def merged_for_inference(model, dtype: torch.dtype | None = None):
     """A plain copy of `model` (a PeftModel, maybe over a 4-bit base) with the adapter merged into
-    `dtype` weights: no bitsandbytes dequantisation and no LoRA matmuls per decode step, and compilable.
+    `dtype` weights (default: the base's compute dtype, e.g. bf16 under a 4-bit or bf16 base): no bitsandbytes
+    dequantisation and no LoRA matmuls per decode step, and compilable.
 
     The base is reloaded unquantised from where it was loaded (`config._name_or_path`); the 4-bit base's
     rounding is not carried over, so outputs differ from the 4-bit model's by that rounding. Costs the
@@ -225,20 +267,20 @@ def merged_for_inference(model, dtype: torch.dtype | None = None):
     """
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from mainlib.models import compute_dtype, load_model
+    from mainlib.models import load_model
 
     if not isinstance(model, PeftModel):
         return model
     device = next(model.parameters()).device
+    dtype = dtype or model.get_base_model().dtype
     base = load_model(model.base_model.model.config._name_or_path, "none", device)
-    if dtype is not None:
-        base.to(dtype)
+    base.to(dtype)
     name = model.active_adapter
     config = model.peft_config[name]
     copy = get_peft_model(base, config)
     set_peft_model_state_dict(copy, get_peft_model_state_dict(model, adapter_name=name))
     merged = copy.merge_and_unload()
-    merged.to(dtype or compute_dtype(device))
+    merged.to(dtype)
     merged.config.use_cache = True
     return merged.eval()
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from transformers import (
@@ -36,7 +37,8 @@ from mainlib.paths import cache_dir, writable_cache
 
 logger = logging.getLogger(__name__)
 
-Quantization = Literal["auto", "4bit", "none"]
+Quantization = Literal["auto", "4bit", "bf16", "none"]
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 ADAPTER_CONFIG_FILE = "mainlib_adapter.json"
 
 
@@ -241,11 +243,31 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX512-BF16, from /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.is_file() else []
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def weights_dtype(quantization: Quantization, device: torch.device) -> torch.dtype:
+    """The dtype of an unquantised base model's weights (LoRA adapters stay fp32 either way: peft upcasts them).
+
+    `bf16` asks for bf16 weights anywhere; `auto` picks them on a CPU with bf16 matrix instructions, where bf16
+    matmuls read half the bytes and run on AMX (`python -m bench --profile cpu` measures what that buys);
+    otherwise the device's compute dtype (fp32 on CPU).
+    """
+    if quantization == "bf16" or (quantization == "auto" and device.type == "cpu" and cpu_has_bf16()):
+        return torch.bfloat16
+    return compute_dtype(device)
+
+
 def quantization_config(quantization: Quantization, device: torch.device) -> BitsAndBytesConfig | None:
     """`auto`: 4-bit NF4 with double quantisation on CUDA, none on CPU. `4bit` forces it (CPU works too)."""
-    if quantization not in ("auto", "4bit", "none"):
-        raise ValueError(f"quantization must be 'auto', '4bit' or 'none', got {quantization!r}")
-    if quantization == "none" or (quantization == "auto" and device.type != "cuda"):
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(map(repr, QUANTIZATIONS))}, got {quantization!r}")
+    if quantization in ("none", "bf16") or (quantization == "auto" and device.type != "cuda"):
         return None
     storage = {"bnb_4bit_quant_storage": compute_dtype(device)} if distributed.shards_parameters() else {}
     return BitsAndBytesConfig(
@@ -280,14 +302,15 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM for LoRA training or inference: QLoRA-ready on CUDA, full precision on CPU.
+    """Load a causal LM for LoRA training or inference: QLoRA-ready on CUDA; on CPU bf16 weights where the CPU
+    multiplies bf16 in hardware, else full precision (`weights_dtype`).
 
     `attn_implementation` ("sdpa", "flex_attention", "flash_attention_2", ...) overrides the default of
     `attention_implementation`.
     """
     device = torch.device(device) if device is not None else default_device()
     quant = quantization_config(quantization, device)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": compute_dtype(device)}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": weights_dtype(quantization, device)}
     if (attention := attn_implementation or attention_implementation(device)) is not None:
         kwargs["attn_implementation"] = attention
     if quant is not None:

@@ -50,7 +50,7 @@ from mainlib.data import Pair
 from mainlib.models import LoraSettings, Quantization
 from mainlib.prompts import Direction, encode
 from mainlib.results import write_json
-from mainlib.training import SCHEDULERS, run_arguments, train
+from mainlib.training import SCHEDULERS, run_arguments, train, use_fast_dropout
 
 SEED, SYNTHETIC = 0, 1  # values of the `group` column
 
@@ -304,10 +304,11 @@ class SFTResult:
         return [row["loss"] for row in self.losses]
 
 
-def sft_config(settings: SFTSettings, output_dir: str | Path) -> SFTConfig:
-    """The TRL config for `settings`: no checkpoints on disk, no external loggers, precision for the device."""
+def sft_config(settings: SFTSettings, output_dir: str | Path, weights: torch.dtype | None = None) -> SFTConfig:
+    """The TRL config for `settings`: no checkpoints on disk, no external loggers, precision for the device and the
+    base `weights` (see `run_arguments`)."""
     return SFTConfig(
-        **run_arguments(output_dir, settings.seed, settings.batch_size),
+        **run_arguments(output_dir, settings.seed, settings.batch_size, weights),
         num_train_epochs=settings.epochs,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.learning_rate,
@@ -337,13 +338,15 @@ def make_trainer(
 ) -> WeightedSFTTrainer:
     """The weighted trainer over a dataset from `build_dataset`."""
     packing = packing_pays(model) if settings.packing is None else settings.packing
-    return WeightedSFTTrainer(
+    trainer = WeightedSFTTrainer(
         model=model,
-        args=sft_config(settings, output_dir),
+        args=sft_config(settings, output_dir, model.dtype),
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=WeightedCollator(pad_token_id=tokenizer.pad_token_id, padding_free=packing),
     )
+    use_fast_dropout(trainer.model)
+    return trainer
 
 
 def train_sft(

@@ -18,13 +18,19 @@ from mainlib import distributed
 SCHEDULERS = tuple(s.value for s in SchedulerType)  # the `scheduler` values both trainers accept
 
 
-def run_arguments(output_dir: str | Path, seed: int, batch_size: int) -> dict[str, Any]:
+def run_arguments(
+    output_dir: str | Path, seed: int, batch_size: int, weights: torch.dtype | None = None
+) -> dict[str, Any]:
     """TRL config fields shared by all trainers: precision for the device, seeds, no checkpoints, no loggers, and
     each process's share of the global micro-batch `batch_size` (the same recipe trains alike on 1 or N processes:
-    Trainer's DDP averages the processes' gradients, i.e. over the whole global batch)."""
+    Trainer's DDP averages the processes' gradients, i.e. over the whole global batch).
+
+    Precision: bf16 autocast on GPUs that have bf16, fp16 on older ones; on CPU, bf16 autocast when the base
+    `weights` are bf16 (mainlib's default on a CPU with bf16 matmuls), so the fp32 LoRA matmuls run in bf16 too
+    (their fp32 master weights are what the optimizer updates), else fp32."""
     per_process = distributed.per_process_batch(batch_size, "batch_size")
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) or (not cuda and weights == torch.bfloat16)
     return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=per_process,
@@ -40,6 +46,32 @@ def run_arguments(output_dir: str | Path, seed: int, batch_size: int) -> dict[st
         logging_nan_inf_filter=False,  # on, Trainer logs a NaN step's loss as the mean of the others (0.0 at first)
         gradient_checkpointing_kwargs={"use_reentrant": False},  # when on: what QLoRA + DDP needs (peft's examples)
     )
+
+
+class FastDropout(torch.nn.Dropout):
+    """Dropout whose CPU mask takes 16 random bits per element, drawn 64 at a time (a token keeps its value iff its
+    16 bits, read as a signed int16, are >= round(p * 2^16) - 2^15): 2.9x faster than `nn.Dropout`'s per-element
+    Bernoulli draw on a 4 x 512 x 576 bf16 activation (2.8 vs 8.1 ms), which took 10-25% of a LoRA SFT step of the
+    SmolLM2-135M shape (7 LoRA dropouts per layer). p is rounded to a multiple of 2^-16; GPUs keep `nn.Dropout`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or x.numel() % 4:
+            return super().forward(x)
+        threshold = round(self.p * 2**16) - 2**15
+        bits = torch.empty(x.numel() // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        keep = bits.view(torch.int16).view(x.shape) >= threshold
+        return x * keep * (1.0 / (1.0 - (threshold + 2**15) / 2**16))
+
+
+def use_fast_dropout(model: torch.nn.Module) -> None:
+    """Swap every LoRA dropout (`nn.Dropout` in peft's `lora_dropout`) for `FastDropout` of the same p."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is torch.nn.Dropout:
+                    dropouts[name] = FastDropout(dropout.p)
 
 
 class TrainingDiverged(RuntimeError):

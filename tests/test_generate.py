@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mainlib.generate import GenerationSettings, generate, plan_batches
 from mainlib.models import load_model
@@ -98,3 +99,27 @@ def test_merged_copy_scores_like_the_adapter(tiny_model_dir, tiny_tokenizer) -> 
     assert generate(peft_model, tiny_tokenizer, prompts, merged_settings) == generate(
         merged, tiny_tokenizer, prompts, greedy
     )
+
+
+def test_nucleus_sampler_draws_from_the_renormalised_top_p_set() -> None:
+    """Greedy over `NucleusSampler`'s output samples the nucleus that transformers' sort-and-cumsum top-p keeps,
+    in proportion to the temperature-scaled probabilities (the Gumbel-max trick)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from mainlib.generate import NucleusSampler, nucleus
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 2.0
+    temperature, top_p = 0.7, 0.8
+    stock = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    kept = torch.isfinite(stock)[0]
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    assert torch.equal(nucleus(logp, top_p)[0], kept)  # here no other token is within 2% of the crossing one
+
+    draws = 20000
+    sampler = NucleusSampler(temperature, top_p)
+    picks = sampler(None, logits.expand(draws, -1)).argmax(dim=-1)
+    counts = torch.bincount(picks, minlength=50).float() / draws
+    want = torch.softmax(stock[0], dim=-1)
+    assert counts[~kept].sum() == 0
+    assert (counts - want).abs().max() < 0.015, (counts - want).abs().max()  # 4 standard errors at p = 0.5

@@ -23,6 +23,24 @@ def test_quantization_policy() -> None:
         models.quantization_config("8bit", cpu)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_base_under_fp32_lora_where_the_cpu_has_bf16(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, has_bf16: bool
+) -> None:
+    """`auto` on CPU: bf16 base weights exactly when the CPU has bf16 matrix instructions; `none` stays fp32 and
+    `bf16` asks for bf16 anywhere. The LoRA weights (what training updates) are fp32 in every case."""
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: has_bf16)
+    cpu = torch.device("cpu")
+    assert models.weights_dtype("auto", cpu) == (torch.bfloat16 if has_bf16 else torch.float32)
+    assert models.weights_dtype("none", cpu) == torch.float32
+    assert models.weights_dtype("bf16", cpu) == torch.bfloat16
+    assert models.quantization_config("bf16", cpu) is None
+    model = models.add_lora(models.load_model(str(tiny_model_dir)), LoraSettings(r=4))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16 if has_bf16 else torch.float32} and trained == {torch.float32}
+
+
 def test_resolve_leaves_hub_ids_and_paths_alone(tmp_path: Path) -> None:
     assert models.resolve_model("meta-llama/Llama-3.2-1B-Instruct") == "meta-llama/Llama-3.2-1B-Instruct"
     assert models.resolve_model(str(tmp_path)) == str(tmp_path)

@@ -195,3 +195,31 @@ def test_packed_rows_under_flex_attention_score_like_padded_rows(tiny_model_dir,
         packed = trainer.compute_loss(model, dict(trainer.data_collator(rows)))
         padded = trainer.compute_loss(model, dict(WeightedCollator(pad_token_id=tiny_tokenizer.pad_token_id)(rows)))
     assert abs(packed.item() - padded.item()) < 1e-5
+
+
+def test_fast_dropout_drops_at_rate_p_and_keeps_the_expectation() -> None:
+    """`FastDropout` is dropout: each element kept with probability 1 - p (p rounded to 2^-16), kept ones scaled by
+    1 / (1 - p); the same seed gives the same mask; eval mode is the identity; LoRA dropouts are the ones swapped."""
+    from mainlib.models import LoraSettings, add_lora
+    from mainlib.training import FastDropout, use_fast_dropout
+
+    dropout = FastDropout(0.05).train()
+    x = torch.ones(64, 128, 96, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    out = dropout(x)
+    kept = (out != 0).float().mean().item()
+    assert abs(kept - 0.95) < 0.003, kept  # 786k draws: the standard error is 2.5e-4
+    assert abs(out.float().mean().item() - 1.0) < 0.005 and out.dtype == x.dtype
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out)
+    assert torch.equal(dropout.eval()(x), x)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = add_lora(LlamaForCausalLM(config), LoraSettings(r=2, dropout=0.1))
+    use_fast_dropout(model)
+    swapped = [m for m in model.modules() if isinstance(m, FastDropout)]
+    assert len(swapped) == 7 and all(m.p == 0.1 for m in swapped)  # q, k, v, o, gate, up, down

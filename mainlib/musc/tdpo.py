@@ -38,7 +38,7 @@ from trl.trainer.utils import pad
 
 from mainlib.adapters import ModelBank
 from mainlib.prompts import encode
-from mainlib.training import SCHEDULERS, run_arguments, train
+from mainlib.training import SCHEDULERS, run_arguments, train, use_fast_dropout
 
 
 @dataclass
@@ -202,10 +202,11 @@ class TokenWeightedDPOTrainer(DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
 
 
-def dpo_config(settings: DPOSettings, output_dir: str | Path) -> DPOConfig:
-    """The TRL config: sigmoid loss, no checkpoints on disk, no external loggers, precision for the device."""
+def dpo_config(settings: DPOSettings, output_dir: str | Path, weights: torch.dtype | None = None) -> DPOConfig:
+    """The TRL config: sigmoid loss, no checkpoints on disk, no external loggers, precision for the device and the
+    base `weights` (see `run_arguments`)."""
     return DPOConfig(
-        **run_arguments(output_dir, settings.seed, settings.batch_size),
+        **run_arguments(output_dir, settings.seed, settings.batch_size, weights),
         beta=settings.beta,
         loss_type=["sigmoid"],
         num_train_epochs=settings.epochs,
@@ -228,14 +229,16 @@ def make_trainer(
     peft_config=None,
 ) -> TokenWeightedDPOTrainer:
     """The trainer over a `preference_dataset`. Pass a plain model with `peft_config`, or a PeftModel."""
-    return TokenWeightedDPOTrainer(
+    trainer = TokenWeightedDPOTrainer(
         model=model,
-        args=dpo_config(settings, output_dir),
+        args=dpo_config(settings, output_dir, model.dtype),
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=TokenWeightedCollator(pad_token_id=tokenizer.pad_token_id),
         peft_config=peft_config,
     )
+    use_fast_dropout(trainer.model)
+    return trainer
 
 
 @dataclass
