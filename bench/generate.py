@@ -20,7 +20,7 @@ from bench.measure import free_memory, peak_gib, stock_quantization, timed, trac
 from bench.sft import LORA
 from bench.shapes import EOS_ID, PAD_ID, build_shape
 from mainlib.generate import GenerationSettings, generate_ids, merged_for_inference
-from mainlib.models import add_lora, load_model
+from mainlib.models import add_lora, bf16_autocast, load_model
 
 
 @dataclass
@@ -114,7 +114,8 @@ def run(case: GenerateCase) -> dict:
     greedy_case = GenerateCase(**{**asdict(case), "new_tokens": 32})
     # Greedy references: stock `generate` on our load (same weights: our batching must not change a token), and
     # on the stock load (fp32 vs bf16 weights on CPU: near-ties of a random-weight model may flip, then diverge).
-    same_weights = stock_generate(model, few, greedy_case, sample=False)
+    with bf16_autocast(model):  # the arithmetic `generate_ids` runs on our load
+        same_weights = stock_generate(model, few, greedy_case, sample=False)
     checks = {
         "default_load_vs_stock_load_greedy_agreement": _agreement(
             same_weights, stock_generate(stock_model, few, greedy_case, sample=False)

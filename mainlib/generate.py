@@ -38,6 +38,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 from mainlib import distributed
 from mainlib.batching import token_budget_batches
 from mainlib.data import Pair
+from mainlib.models import bf16_autocast
 from mainlib.prompts import Direction, build_prompt
 
 
@@ -208,19 +209,20 @@ def generate_ids(
             width = max(len(encoded[i]) for i in batch)
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + list(encoded[i]) for i in batch])
             attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch])
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=list(eos_ids),
-                pad_token_id=pad_id,
-                use_cache=True,
-                **extra,
-            )
+            with bf16_autocast(model):
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    max_new_tokens=settings.max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    eos_token_id=list(eos_ids),
+                    pad_token_id=pad_id,
+                    use_cache=True,
+                    **extra,
+                )
             for row, i in enumerate(batch):
                 results[i] = _finish(out[row, width:].tolist(), eos_ids)
             bar.update(len(batch))

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -261,6 +262,14 @@ def weights_dtype(quantization: Quantization, device: torch.device) -> torch.dty
     if quantization == "bf16" or (quantization == "auto" and device.type == "cpu" and cpu_has_bf16()):
         return torch.bfloat16
     return compute_dtype(device)
+
+
+def bf16_autocast(model) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU for a model whose base weights are bf16 (its fp32 LoRA matmuls then run in bf16 too, as
+    in training, see `training.run_arguments`); otherwise nothing. GPUs: the 4-bit layers pick their own dtype."""
+    device = next(model.parameters()).device
+    enabled = device.type == "cpu" and model.dtype == torch.bfloat16
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def quantization_config(quantization: Quantization, device: torch.device) -> BitsAndBytesConfig | None:

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mainlib.batching import token_budget_batches
 from mainlib.data import Pair
+from mainlib.models import bf16_autocast
 from mainlib.prompts import Direction, Encoded, encode
 
 
@@ -78,7 +79,8 @@ def target_states(
                 ids[row, :n] = torch.tensor(examples[i].input_ids)
                 mask[row, :n] = 1
                 labels[row, :n] = torch.tensor(examples[i].labels)
-            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            with bf16_autocast(model):
+                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
             # The state at position t predicts token t+1: keep the states whose next token is a target.
             targets = labels[:, 1:]
             for row, i in enumerate(batch):
