@@ -15,8 +15,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per test process, inherited by the notebook kernels and child processes the tests start. The
+# tests' models are tiny (or 135M): with one thread per core, each of their small matmuls pays for thread
+# synchronisation, and with a second process on the machine (the other xdist worker, a launched rank) the
+# threads oversubscribe the cores: the tiny MuSC run took 44 s with 2 threads next to another busy process and
+# 5 s with 1. `make test` runs the tests in one process per core instead (pytest-xdist, pyproject.toml).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
 
 from tests.tiny_model import build_tiny_model
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch before this file
 
 REPO = Path(__file__).resolve().parents[1]
 
