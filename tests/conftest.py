@@ -31,6 +31,30 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin im
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def lm_eval_task_index_built_once():
+    """lm-eval's `TaskManager` parses its ~15,000 task YAML files into an index on every construction (5-7 s on
+    2 CPU cores), and every `evaluate`/`compare` call constructs one. The index depends on the folders alone, so
+    this session builds it once per set of folders and hands each manager its own copy (the manager adds
+    aliases to it). In this process only: notebook kernels and launched processes build their own."""
+    import pickle
+
+    from lm_eval.tasks._index import TaskIndex
+
+    real, built = TaskIndex.build, {}
+
+    def build_once(paths, **kwargs):
+        paths = list(paths)
+        key = (tuple(str(Path(p).resolve()) for p in paths), tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = pickle.dumps(real(paths, **kwargs))
+        return pickle.loads(built[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskIndex, "build", staticmethod(build_once))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama + locally trained tokenizer with a chat template, saved once per session."""
