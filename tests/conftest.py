@@ -31,6 +31,12 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin im
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort: the order within each kind is kept), so that under xdist the long
+    ones start early and the many short ones fill the other workers in, instead of one long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def lm_eval_task_index_built_once():
     """lm-eval's `TaskManager` parses its ~15,000 task YAML files into an index on every construction (5-7 s on
