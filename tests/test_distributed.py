@@ -23,7 +23,8 @@ import pytest
 from mainlib import data
 from mainlib.models import load_tokenizer
 
-# slow: child processes; xdist_group: one worker runs this file, so `one_process` (module scope) runs once
+# slow: child processes. xdist_group: meant to keep this file on one worker so that `one_process` runs once;
+# pytest-xdist 3.8 cannot tag pytest 9's node ids, so for now each worker that gets one of these runs it.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
 # DDP's all-reduce adds the two halves of a global batch's gradient in another order than one process does, so
