@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # On a GPU box with a CUDA torch installed system-wide: make demo VENV_FLAGS=--system-site-packages
 VENV_FLAGS ?=
 
-.PHONY: setup demo sweep test lint clean-cache bundled-data
+.PHONY: setup demo sweep test test-all lint clean-cache bundled-data
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -39,8 +39,12 @@ SWEEP ?= sweeps/alpha_x_filter.yaml
 sweep: setup
 	$(PY) -m mainlib.sweep $(SWEEP)
 
+# make test leaves out the tests marked heavy (pyproject.toml: -m 'not heavy'); test-all runs every test.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -15,10 +15,50 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per test process, inherited by the notebook kernels and child processes the tests start. The
+# tests' models are tiny (or 135M): with one thread per core, each of their small matmuls pays for thread
+# synchronisation, and with a second process on the machine (the other xdist worker, a launched rank) the
+# threads oversubscribe the cores: the tiny MuSC run took 44 s with 2 threads next to another busy process and
+# 5 s with 1. `make test` runs the tests in one process per core instead (pytest-xdist, pyproject.toml).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
 
 from tests.tiny_model import build_tiny_model
 
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch before this file
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort: the order within each kind is kept), so that under xdist the long
+    ones start early and the many short ones fill the other workers in, instead of one long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def lm_eval_task_index_built_once():
+    """lm-eval's `TaskManager` parses its ~15,000 task YAML files into an index on every construction (5-7 s on
+    2 CPU cores), and every `evaluate`/`compare` call constructs one. The index depends on the folders alone, so
+    this session builds it once per set of folders and hands each manager its own copy (the manager adds
+    aliases to it). In this process only: notebook kernels and launched processes build their own."""
+    import pickle
+
+    from lm_eval.tasks._index import TaskIndex
+
+    real, built = TaskIndex.build, {}
+
+    def build_once(paths, **kwargs):
+        paths = list(paths)
+        key = (tuple(str(Path(p).resolve()) for p in paths), tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = pickle.dumps(real(paths, **kwargs))
+        return pickle.loads(built[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskIndex, "build", staticmethod(build_once))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,10 @@ import pytest
 from mainlib import data
 from mainlib.models import load_tokenizer
 
+# slow: child processes. xdist_group: meant to keep this file on one worker so that `one_process` runs once;
+# pytest-xdist 3.8 cannot tag pytest 9's node ids, so for now each worker that gets one of these runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
+
 # DDP's all-reduce adds the two halves of a global batch's gradient in another order than one process does, so
 # adapters trained by 2 processes differ from 1 process's by float rounding: measured 1.0e-5 on the loss curve,
 # 1.2e-5 on the scores it leads to. With the same adapters, the data stages agree to SCORE_TOLERANCE.

@@ -63,6 +63,7 @@ def cached_requests(folder: Path) -> dict[str, set[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # three processes importing the whole stack; the pieces are unit-tested below (make test-all)
 def test_two_processes_give_the_one_process_rows(tiny_model_dir: Path, adapter_a: str, tmp_path: Path) -> None:
     """`accelerate launch` with 2 CPU processes: documents split between them, the rows of one process."""
     args = ["--model", str(tiny_model_dir), "--adapter", f"A={adapter_a}", "--tasks", "mmlu", "--limit", "3"]

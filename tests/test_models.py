@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,9 +94,27 @@ def test_load_adapter_needs_the_mainlib_config(tmp_path: Path) -> None:
         models.load_adapter(tmp_path)
 
 
-def test_killed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A conversion that dies midway leaves neither a model in the cache nor a temporary folder."""
+def test_killed_conversion_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A conversion that dies midway leaves neither a model in the cache nor a temporary folder.
+
+    What is read from the GGUF does not matter here (test_bundled_model_converts_once_and_answers converts the
+    real one): the tiny model stands in for it, which saves dequantising 135M parameters just to die."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     monkeypatch.setenv("MAINLIB_CACHE", str(tmp_path))
+    read_from_gguf = []
+
+    def tiny_instead(auto):
+        def from_pretrained(folder, gguf_file, **kwargs):
+            read_from_gguf.append((auto.__name__, gguf_file))
+            return auto.from_pretrained(tiny_model_dir, **kwargs)
+
+        return SimpleNamespace(from_pretrained=from_pretrained, from_config=getattr(auto, "from_config", None))
+
+    monkeypatch.setattr(models, "AutoTokenizer", tiny_instead(AutoTokenizer))
+    monkeypatch.setattr(models, "AutoModelForCausalLM", tiny_instead(AutoModelForCausalLM))
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt("killed while saving")
@@ -103,6 +122,7 @@ def test_killed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", die)
     with pytest.raises(KeyboardInterrupt):
         models.convert_bundled_model("smollm2-135m-instruct")
+    assert [auto for auto, _ in read_from_gguf] == ["AutoTokenizer", "AutoModelForCausalLM"]  # it got to saving
     assert list((tmp_path / "models").iterdir()) == []
 
 

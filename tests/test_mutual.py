@@ -130,6 +130,7 @@ def test_roc_auc_and_shuffle() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 320 forward passes of the 135M model: 3.5 minutes of one core (make test-all)
 def test_ground_truth_auc_with_the_bundled_model() -> None:
     """Untrained SmolLM2 scores 40 held-out true pairs against the same responses with shuffled instructions."""
     from mainlib import data

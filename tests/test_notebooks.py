@@ -157,6 +157,7 @@ def test_notebooks_04_then_05_then_06(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # seven kernels; 01-06 are each executed by the tests above (make test-all)
 def test_quickstart_runs_01_to_06(tiny_params: dict, tiny_model_dir: Path, tmp_path: Path) -> None:
     main_overrides = {k: v for k, v in tiny_params.items() if k not in ("run_name", "model", "runs_dir", "results_dir")}
     executed = run_notebook(

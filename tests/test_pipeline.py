@@ -131,6 +131,7 @@ def killed_synthesis(config_file: str, mode: str) -> None:
     run_main(config, until="synthesize")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["boundary", "mid"])
 def test_killed_synthesis_resumes_byte_identical(config: PipelineConfig, tmp_path: Path, mode: str) -> None:
     import pickle

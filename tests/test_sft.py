@@ -181,6 +181,7 @@ def test_packing_is_chosen_by_the_attention_kernel(tiny_model_dir, tiny_tokenize
         assert packing_pays(SimpleNamespace(config=SimpleNamespace(_attn_implementation=kernel))) == pays
 
 
+@pytest.mark.slow  # compiles the FlexAttention kernel (inductor)
 def test_packed_rows_under_flex_attention_score_like_padded_rows(tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
     """FlexAttention is a varlen kernel (mainlib packs under it on CUDA); forward only here: no CPU backward."""
     model = load_model(str(tiny_model_dir), "none", attn_implementation="flex_attention")

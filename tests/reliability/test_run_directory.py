@@ -67,6 +67,7 @@ def wait_for_lock(run_dir: Path, child: subprocess.Popen, timeout: float = 120) 
     raise AssertionError(f"the child never held the lock: {child.stderr.read().decode()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_kill_at_random_points_then_resume_gives_the_same_outputs(main_config: MainConfig, tmp_path: Path) -> None:
     """SIGKILL at three random moments of the pipeline up to `score` (data, training and sharded stages); each
     resume ends in the outputs of the uninterrupted run."""
@@ -89,6 +90,7 @@ def test_kill_at_random_points_then_resume_gives_the_same_outputs(main_config: M
         assert [name for name in expected if got[name] != expected[name]] == [], f"seed {seed}"
 
 
+@pytest.mark.slow
 def test_a_second_process_fails_at_once_and_a_dead_holder_is_taken_over(
     main_config: MainConfig, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -169,6 +171,7 @@ def test_read_only_storage_opens_a_finished_run_and_names_an_unfinished_stage(
         run_main(main_config)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 def test_a_finished_run_on_a_read_only_mount(main_config: MainConfig, tmp_path: Path) -> None:
     """The same on a real read-only bind mount, in a private mount namespace (needs the right to mount)."""
