@@ -23,7 +23,7 @@ from bench.sft import VARIANTS, SFTCase, run_case
 from mainlib.results import provenance, write_json
 
 SMOKE_VARIANTS = ("default", "checkpointed", "flex_packed", "liger")  # the last two: recorded as skipped on CPU
-CPU_VARIANTS = ("default", "unquantized", "checkpointed", "sdpa_packed", "sdpa_packed_checkpointed")
+CPU_VARIANTS = ("default", "uncheckpointed", "unquantized", "sdpa_packed", "sdpa_packed_checkpointed")
 GPU_7B_VARIANTS = ("default", "checkpointed", "flex_packed_checkpointed", "liger_checkpointed")
 
 

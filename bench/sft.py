@@ -21,7 +21,15 @@ from trl import SFTConfig, SFTTrainer
 from bench.measure import close, cuda, free_memory, peak_gib, random_examples, ratio, stock_quantization, trace
 from bench.shapes import build_shape
 from bench.trainers import one_more_step, train_steps
-from mainlib.models import LoraSettings, Quantization, add_lora, load_model, load_tokenizer, lora_config
+from mainlib.models import (
+    LoraSettings,
+    Quantization,
+    add_lora,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    use_checkpointing,
+)
 from mainlib.prompts import Encoded
 from mainlib.sft import SFTSettings, WeightedCollator, make_trainer
 from mainlib.training import run_arguments
@@ -33,7 +41,7 @@ LORA = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
 class Variant:
     """One way to run our trainer. None keeps mainlib's default."""
 
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: mainlib's default for the device (on for CPU)
     attn_implementation: str | None = None
     packing: bool | None = None
     liger: bool = False  # Liger's RMSNorm, RoPE and SwiGLU kernels (CUDA, when liger-kernel is installed)
@@ -41,7 +49,8 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "default": Variant(),  # SDPA, length-grouped padded batches, no checkpointing
+    "default": Variant(),  # SDPA, length-grouped padded batches, checkpointing on CPU only
+    "uncheckpointed": Variant(gradient_checkpointing=False),
     "unquantized": Variant(quantization="none"),  # the default at the device's full precision (fp32 on CPU)
     "checkpointed": Variant(gradient_checkpointing=True),
     "sdpa_packed": Variant(packing=True),  # packed rows under SDPA: a dense block-diagonal mask
@@ -123,7 +132,7 @@ def our_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, variant
     model = load_model(str(path), variant.quantization, attn_implementation=variant.attn_implementation)
     if variant.liger:
         apply_liger(model)
-    model = add_lora(model, LORA, variant.gradient_checkpointing)
+    model = add_lora(model, LORA, use_checkpointing(variant.gradient_checkpointing))
     return make_trainer(model, tokenizer, data, settings, out)
 
 

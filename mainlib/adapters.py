@@ -71,7 +71,7 @@ class ModelBank:
         self,
         model: str,
         quantization: Quantization = "auto",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | None = False,
         *,
         trust_remote_code: bool = False,
         vllm: VllmSettings | None = None,
@@ -81,7 +81,7 @@ class ModelBank:
         self.vllm = vllm or VllmSettings()
         self._engine: VllmEngine | None = None  # a stage's vLLM engine, while the stage runs (`engine_scope`)
         self.quantization: Quantization = quantization
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing = models.use_checkpointing(gradient_checkpointing)
         self.trust_remote_code = trust_remote_code
         self._base: PreTrainedModel | None = None
         self._peft: PeftModel | None = None

@@ -264,6 +264,14 @@ def weights_dtype(quantization: Quantization, device: torch.device) -> torch.dty
     return compute_dtype(device)
 
 
+def use_checkpointing(setting: bool | None) -> bool:
+    """Gradient checkpointing as set, or for None the device's default: on for CPU training, where it measured
+    faster as well as smaller (SmolLM2-135M shape, batch 4 x 128-512 tokens, bf16: 181.6 vs 130.8 tokens/s at
+    0.90x vs 1.17x stock TRL's peak RSS, results/bench/cpu.json; fp32 earlier: 105.6 vs 98.1), off on GPUs, where
+    recomputing the forward costs about a third of the step."""
+    return (not torch.cuda.is_available()) if setting is None else setting
+
+
 def bf16_autocast(model) -> contextlib.AbstractContextManager:
     """bf16 autocast on CPU for a model whose base weights are bf16 (its fp32 LoRA matmuls then run in bf16 too, as
     in training, see `training.run_arguments`); otherwise nothing. GPUs: the 4-bit layers pick their own dtype."""

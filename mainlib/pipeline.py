@@ -28,7 +28,7 @@ from mainlib import data, distributed, generate, mutual, prompts, scoring, sft, 
 from mainlib.adapters import ModelBank, Shared
 from mainlib.config import MainConfig, validate
 from mainlib.data import Pair
-from mainlib.models import load_tokenizer
+from mainlib.models import load_tokenizer, use_checkpointing
 from mainlib.results import write_json, write_jsonl
 from mainlib.stages import Run, Stage, StageContext, StageResult
 
@@ -361,7 +361,9 @@ def run_main(config: MainConfig, until: str = "final_sft", force: bool = False) 
     if until not in names:
         raise ValueError(f"until must be one of {', '.join(names)}; got {until!r}")
     run = Run(Path(config.runs_dir) / config.run_name, config.identity(), force=force)
-    checkpointing = any(s.gradient_checkpointing for s in (config.sft, config.round_sft, config.final_sft))
+    checkpointing = any(
+        use_checkpointing(s.gradient_checkpointing) for s in (config.sft, config.round_sft, config.final_sft)
+    )
     bank = ModelBank(config.model, config.quantization, checkpointing, vllm=config.vllm)  # loads on first use
     shared = Shared(load_tokenizer(config.model), bank)
     return load_state(run.execute(stages, config, until, shared))

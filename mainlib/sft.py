@@ -47,7 +47,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from mainlib import distributed
 from mainlib.adapters import ModelBank
 from mainlib.data import Pair
-from mainlib.models import LoraSettings, Quantization
+from mainlib.models import LoraSettings, Quantization, use_checkpointing
 from mainlib.prompts import Direction, encode
 from mainlib.results import write_json
 from mainlib.training import SCHEDULERS, run_arguments, train, use_fast_dropout
@@ -81,7 +81,10 @@ class SFTHyperparameters:
     )
     scheduler: str = field(default="cosine", metadata={"help": "transformers lr_scheduler_type", "choices": SCHEDULERS})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "recompute activations in backward (less memory); None: on CPU (faster there), off on GPU"},
+    )
     packing: bool | None = field(
         default=None,
         metadata={"help": "padding-free rows, positions restart per example; None: iff attention is varlen"},
@@ -317,7 +320,7 @@ def sft_config(settings: SFTSettings, output_dir: str | Path, weights: torch.dty
         weight_decay=settings.weight_decay,
         logging_steps=settings.logging_steps,
         max_length=settings.max_length,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing=use_checkpointing(settings.gradient_checkpointing),
         remove_unused_columns=False,  # keep `weight` and `group` for the collator
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
     )

@@ -76,6 +76,7 @@ def recipe(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     (folder / "pool.jsonl").write_text("".join(json.dumps({"response": p.response}) + "\n" for p in seed))
     main = {
         "model": str(tiny_model_dir),
+        "quantization": "none",  # fp32: the claim is about what a second process changes, not about bf16 rounding
         "pool_data": str(folder / "pool.jsonl"),
         "runs_dir": str(folder / "runs"),
         "run_name": "one",
@@ -145,8 +146,10 @@ def test_a_killed_process_resumes_from_the_shards_on_disk(recipe: Path, one_proc
     written = {p.name: p.stat().st_mtime_ns for p in (killed / "synthesize" / "shards").glob("*.json")}
     assert len(written) >= 1  # at least the shard process 1 wrote before it died
 
-    relaunched = launch(args, 2, recipe.parent)
-    assert "taking over the lock" in relaunched.stdout
+    # Whether the relaunch finds the dead run's lock note ("taking over the lock ...") is a race: torchrun may stop
+    # process 0 before or after it releases the lock on seeing process 1 die. Taking over a stale lock is tested in
+    # tests/reliability/test_run_directory.py; here, what counts is that the relaunch resumes.
+    launch(args, 2, recipe.parent)
     now = {p.name: p.stat().st_mtime_ns for p in (killed / "synthesize" / "shards").glob("*.json")}
     assert len(now) == 4 and all(now[name] == when for name, when in written.items())  # resumed, not redone
     assert_same_data_stages(killed, one_process)

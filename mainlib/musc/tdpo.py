@@ -37,6 +37,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from mainlib.adapters import ModelBank
+from mainlib.models import use_checkpointing
 from mainlib.prompts import encode
 from mainlib.training import SCHEDULERS, run_arguments, train, use_fast_dropout
 
@@ -70,7 +71,10 @@ class DPOSettings:
         metadata={"help": "prompt + response tokens; responses are cut at the end", "range": "[1, inf)"},
     )
     logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps", "range": "[1, inf)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "recompute activations in backward (less memory); None: on CPU (faster there), off on GPU"},
+    )
     seed: int = field(default=0, metadata={"help": "data order and initialisation seed"})
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,7 +220,7 @@ def dpo_config(settings: DPOSettings, output_dir: str | Path, weights: torch.dty
         warmup_steps=settings.warmup,
         logging_steps=settings.logging_steps,
         max_length=None,  # `preference_dataset` already cut every pair to settings.max_length
-        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing=use_checkpointing(settings.gradient_checkpointing),
     )
 
 
