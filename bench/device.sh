@@ -2,10 +2,9 @@
 # Run benchmark suites on the offline GPU machine and keep the results and a log.
 #
 # Here, once:   ../shared/gpu/stage-wheels.sh liger-kernel==0.8.5     (writes .whl/, git-ignored, ~57 MB)
-# There, one device-tool call each (carry [".whl"]), so that each stays inside 10 minutes:
-#               bash bench/device.sh sft/llama-3.2-1b --trace
-#               bash bench/device.sh sft/llama-2-7b --trace
-#               bash bench/device.sh memory
+# There, two device-tool calls (carry [".whl"]), each meant to stay inside 10 minutes (not yet timed on a GPU:
+# none has been lent; if one runs over, split it by suite or shape, e.g. `sft/llama-2-7b`):
+#               bash bench/device.sh sft memory --trace
 #               bash bench/device.sh generate score tdpo --trace
 # (--trace: one more call of each path under torch.profiler: its heaviest operators and how busy the GPU
 # was, the "where the time goes" for any target that is not met)

@@ -265,10 +265,13 @@ def weights_dtype(quantization: Quantization, device: torch.device) -> torch.dty
 
 
 def use_checkpointing(setting: bool | None) -> bool:
-    """Gradient checkpointing as set, or for None the device's default: on for CPU training, where it measured
-    faster as well as smaller (SmolLM2-135M shape, batch 4 x 128-512 tokens, bf16: 181.6 vs 130.8 tokens/s at
-    0.90x vs 1.17x stock TRL's peak RSS, results/bench/cpu.json; fp32 earlier: 105.6 vs 98.1), off on GPUs, where
-    recomputing the forward costs about a third of the step."""
+    """Gradient checkpointing as set, or for None the device's default: on for CPU training, off on GPUs.
+
+    CPU (SmolLM2-135M shape, batch 4 x 128-512 tokens, bf16, results/bench/cpu.json and the run before it): peak
+    RSS 0.98x stock TRL's with it and 1.17-1.24x without; speed the same within this machine's noise (172.0 vs
+    179.9 tokens/s in one run, 181.6 vs 130.8 in the other). GPUs: recomputing the forward costs about a third
+    of the step, and 4-bit weights leave room for the activations.
+    """
     return (not torch.cuda.is_available()) if setting is None else setting
 
 

@@ -83,7 +83,7 @@ class SFTHyperparameters:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "recompute activations in backward (less memory); None: on CPU (faster there), off on GPU"},
+        metadata={"help": "recompute activations in backward (less memory); None: on for CPU, off for GPU"},
     )
     packing: bool | None = field(
         default=None,

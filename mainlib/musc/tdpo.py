@@ -73,7 +73,7 @@ class DPOSettings:
     logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps", "range": "[1, inf)"})
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "recompute activations in backward (less memory); None: on CPU (faster there), off on GPU"},
+        metadata={"help": "recompute activations in backward (less memory); None: on for CPU, off for GPU"},
     )
     seed: int = field(default=0, metadata={"help": "data order and initialisation seed"})
 
