@@ -3,7 +3,8 @@
 Suites: sft, generate, score, tdpo, memory, or all; `sft/<shape>` runs one shape of `sft` (e.g.
 `sft/llama-2-7b`), so that a long suite can be split across calls. Profiles size the cases: `gpu` (default) the issue's
 shapes and batches (Llama-3.2-1B / Llama-2-7B); `cpu` the bundled SmolLM2-135M shape at batches a 2-core
-CPU finishes in minutes (no memory suite: CPU has no peak-memory counter); `smoke` tiny shapes, seconds.
+CPU finishes in minutes (memory as peak RSS; no memory suite: its 7B QLoRA target is a GPU one); `smoke`
+tiny shapes, seconds.
 """
 
 from __future__ import annotations

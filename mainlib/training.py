@@ -65,13 +65,14 @@ class FastDropout(torch.nn.Dropout):
 
 
 def use_fast_dropout(model: torch.nn.Module) -> None:
-    """Swap every LoRA dropout (`nn.Dropout` in peft's `lora_dropout`) for `FastDropout` of the same p."""
+    """Make every LoRA dropout (`nn.Dropout` in peft's `lora_dropout`) a `FastDropout`, in place: the same module
+    objects, so whoever holds them (`ModelBank` restores the rates TRL's DPOTrainer zeroes) still does."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
-            for name, dropout in dropouts.items():
+            for dropout in dropouts.values():
                 if type(dropout) is torch.nn.Dropout:
-                    dropouts[name] = FastDropout(dropout.p)
+                    dropout.__class__ = FastDropout
 
 
 class TrainingDiverged(RuntimeError):

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 # adapters trained by 2 processes differ from 1 process's by float rounding: measured 1.0e-5 on the loss curve,
 # 1.2e-5 on the scores it leads to. With the same adapters, the data stages agree to SCORE_TOLERANCE.
 LOSS_TOLERANCE = 1e-4  # |loss(2 processes) - loss(1 process)| per logged step
-TRAINED_SCORE_TOLERANCE = 1e-4  # scores, when each run trained its own adapters
+TRAINED_SCORE_TOLERANCE = 5e-4  # scores, own adapters: 8 epochs at lr 2e-2 amplify rounding (8.2e-5 seen)
 SCORE_TOLERANCE = 1e-5  # scores, same adapters
 PROCESS_KILLER = """
 import os, signal, sys
