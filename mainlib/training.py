@@ -56,7 +56,7 @@ class FastDropout(torch.nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu" or x.numel() % 4:
+        if not self.training or self.p in (0.0, 1.0) or x.device.type != "cpu" or x.numel() % 4:
             return super().forward(x)
         threshold = round(self.p * 2**16) - 2**15
         bits = torch.empty(x.numel() // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
