@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench.measure import free_memory, peak_gib, stock_quantization, timed, trace
-from bench.sft import LORA
+from bench.sft import adapted_model
 from bench.shapes import EOS_ID, PAD_ID, build_shape
 from mainlib.generate import GenerationSettings, generate_ids, merged_for_inference
-from mainlib.models import add_lora, bf16_autocast, load_model
+from mainlib.models import bf16_autocast
 
 
 @dataclass
@@ -80,17 +80,11 @@ def _agreement(rows: list[list[int]], reference: list[list[int]]) -> float:
     return agree / sum(min(len(x), len(y)) for x, y in zip(rows, reference, strict=True))
 
 
-def _adapted(path, quantization: str):
-    """The shape loaded with `quantization`, under the same seeded LoRA r16 adapter."""
-    torch.manual_seed(0)
-    return add_lora(load_model(str(path), quantization), LORA).eval()
-
-
 def run(case: GenerateCase) -> dict:
     """Stock `generate` on the stock load, then each variant on mainlib's default load, with greedy checks."""
     path = build_shape(case.shape)
     free_memory()
-    stock_model, model = _adapted(path, stock_quantization()), _adapted(path, "auto")
+    stock_model, model = adapted_model(path, stock_quantization()), adapted_model(path, "auto")
     rng = random.Random(3)
     vocab = model.config.vocab_size
     prompts = [[rng.randrange(2, vocab) for _ in range(case.prompt_len)] for _ in range(case.batch)]

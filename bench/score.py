@@ -7,10 +7,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench.measure import free_memory, peak_gib, random_examples, stock_quantization, timed, trace
-from bench.sft import LORA
+from bench.sft import adapted_model
 from bench.shapes import build_shape
 from mainlib.generate import merged_for_inference
-from mainlib.models import add_lora, load_model
 from mainlib.prompts import Encoded
 from mainlib.scoring import ScoringSettings, score_encoded
 
@@ -55,7 +54,7 @@ def run(case: ScoreCase) -> dict:
     at each row count, then (optionally) on a merged bf16 copy; every variant is checked against the naive loop."""
     path = build_shape(case.shape)
     free_memory()
-    stock_model = _adapted(path, stock_quantization())
+    stock_model = adapted_model(path, stock_quantization())
     vocab = stock_model.config.vocab_size
     examples = random_examples(case.pairs, case.lengths, vocab, seed=1)
     targets = sum(len(e.target_ids) for e in examples)
@@ -65,7 +64,7 @@ def run(case: ScoreCase) -> dict:
     record["stock"]["trace"] = trace(lambda: naive_means(stock_model, examples))
     record["variants"], record["check"] = {}, {}
     naive = naive_means(stock_model, examples)
-    model = _adapted(path, "auto")
+    model = adapted_model(path, "auto")
     runs = [
         (f"rows_{rows}" if rows else "default", model, ScoringSettings(max_batch_size=rows))
         for rows in case.max_batch_sizes
@@ -95,12 +94,6 @@ def run(case: ScoreCase) -> dict:
     record["ours"] = {**record["variants"][first], "name": first}
     record["speedup"] = record["ours"]["speedup"]
     return record
-
-
-def _adapted(path, quantization: str):
-    """The shape loaded with `quantization`, under the same seeded LoRA r16 adapter."""
-    torch.manual_seed(0)
-    return add_lora(load_model(str(path), quantization), LORA).eval()
 
 
 def _rates(seconds: float, pairs: int, targets: int, peak: float | None) -> dict:

@@ -96,6 +96,12 @@ def apply_liger(model) -> None:
     )
 
 
+def adapted_model(path, quantization: str):
+    """The shape loaded with `quantization`, under the same seeded LoRA r16 adapter (the generate and score suites)."""
+    torch.manual_seed(0)
+    return add_lora(load_model(str(path), quantization), LORA).eval()
+
+
 def stock_trainer(path, tokenizer, examples: list[Encoded], case: SFTCase, out: str) -> SFTTrainer:
     data = Dataset.from_dict(
         {
