@@ -95,6 +95,39 @@ def timed(step: Callable[[int], object], warmup: int, repeats: int) -> Timing:
     return Timing(seconds)
 
 
+def in_turns(steps: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, dict]:
+    """Time paths in turns: each warmed up, then `repeats` rounds that run every path once. Each `step()` returns
+    the work it did (e.g. tokens written); per path: the median rate over the rounds, the totals and peak memory.
+
+    Why in turns: on a shared machine a slow spell of a minute halves whatever runs then; timing all of one path
+    before the next turned such spells into 15-30% swings of a ratio between runs.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    work: dict[str, list[float]] = {name: [] for name in steps}
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    peaks: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            free_memory()
+            sync()
+            start = time.perf_counter()
+            work[name].append(step())
+            sync()
+            seconds[name].append(time.perf_counter() - start)
+            peaks[name].append(peak_gib() or 0.0)
+    return {
+        name: {
+            "seconds": sum(seconds[name]),
+            "work": sum(work[name]),
+            "tokens_per_s": Timing([w / s for w, s in zip(work[name], seconds[name], strict=True)]).median,
+            "peak_gib": max(peaks[name]) or None,
+        }
+        for name in steps
+    }
+
+
 def random_examples(
     n: int, lengths: tuple[int, int], vocab: int, seed: int, prompt_share: float = 0.25
 ) -> list[Encoded]:

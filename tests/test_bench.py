@@ -33,12 +33,12 @@ def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytes
     assert variants["checkpointed"]["grad_checkpointing"] and not variants["default"]["packed"]
     assert variants["flex_packed"] == {"skipped": "FlexAttention has no backward on CPU (torch 2.13)"}
     assert variants["liger"] == {"skipped": "Liger kernels are Triton kernels: CUDA only"}
-    assert set(suites["generate"]["variants"]) == {"hf", "merged", "merged_static"}
+    assert set(suites["generate"]["variants"]) == {"default", "hf", "merged", "merged_static"}
     assert suites["generate"]["stock"]["new_tokens"] > 0
     assert suites["score"]["speedup"] > 0 and suites["tdpo"]["step_time_ratio"] > 0
     # Every fast path was compared with its plain path on the same batch, and agreed.
     assert set(suites["score"]["variants"]) == {"default", "rows_4", "merged_bf16"}
-    assert len(payload["checks"]) == 10 and all(payload["checks"].values()), payload["checks"]
+    assert len(payload["checks"]) == 11 and all(payload["checks"].values()), payload["checks"]
     assert suites["tdpo"]["check"]["unit_weights_loss_vs_stock"]["reference"] != pytest.approx(0.6931, abs=1e-3)
     assert payload["commands"]["tdpo"] == f"python -m bench all --profile smoke --trace --out {out}"
     assert out.with_suffix(".png").stat().st_size > 10_000
