@@ -143,7 +143,8 @@ class MainConfig:
         },
     )
     seed: int = field(
-        default=0, metadata={"help": "data sampling and every SFT (init, final: seed; round k: seed + k + 1)"}
+        default=0,
+        metadata={"help": "data sampling, every SFT (init, final: seed; round k: seed + k + 1) and the random filter"},
     )
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "every adapter of the run"})
     sft: SFTHyperparameters = field(

@@ -7,7 +7,8 @@ Read top to bottom:
    instructions and the reverse model trains on seed + those.
 3. `synthesis_row` / `mark_duplicates`: what the reverse model wrote for each pool response; empty, truncated
    and duplicate instructions are dropped, each with its reason (the pipeline's synthesize stage streams them).
-4. `score_pool` and `filter_scores`: s_f, s_r (plain or PMI-normalised), combined as λ·z(s_f) + (1−λ)·z(s_r).
+4. `score_pool` and `filter_scores`: s_f, s_r (plain or PMI-normalised), combined as λ·z(s_f) + (1−λ)·z(s_r);
+   or a seeded uniform random score (the `random` baseline).
 5. `select`: the top `ceil(top_fraction · n)` pairs, or those above `threshold`.
 6. `humpback_ratings`: the seed model rates each pair 1–5 (the baseline filter).
 7. `ground_truth_auc`: how well each score separates true pairs from shuffled ones.
@@ -39,9 +40,9 @@ from mainlib.scoring import ScoringSettings, score_pairs
 from mainlib.sft import SFTResult, SFTSettings, train_sft, weight_pairs
 
 Schedule = Literal["constant", "linear", "cosine"]
-FilterMethod = Literal["mutual", "forward", "reverse", "humpback", "none"]
+FilterMethod = Literal["mutual", "forward", "reverse", "random", "humpback", "none"]
 Normalization = Literal["pmi", "none"]
-FILTER_METHODS = ("mutual", "forward", "reverse", "humpback", "none")
+FILTER_METHODS = ("mutual", "forward", "reverse", "random", "humpback", "none")
 SYNTHESIS_DROP_REASONS = ("empty", "truncated", "duplicate")
 
 
@@ -61,7 +62,11 @@ class MainSettings:
     )
     alpha_end: float = field(default=0.5, metadata={"help": "α in round K-1 (linear, cosine)", "range": "[0, 1]"})
     filter_method: FilterMethod = field(
-        default="mutual", metadata={"help": "mutual | forward | reverse (ablations) | humpback (baseline) | none"}
+        default="mutual",
+        metadata={
+            "help": "mutual | forward | reverse (ablations) | random (as many pairs, drawn with `seed`) | "
+            "humpback (baseline) | none"
+        },
     )
     score_normalization: Normalization = field(
         default="pmi", metadata={"help": "pmi: minus the unconditional likelihood; none: the plain likelihood"}
@@ -311,8 +316,13 @@ def zscore(values: Sequence[float]) -> list[float]:
     return [0.0] * n if std == 0 else [(v - mean) / std for v in values]
 
 
-def filter_scores(scores: PoolScores, method: FilterMethod, normalization: Normalization, lam: float) -> list[float]:
-    """The score each filter ranks by: mutual = λ·z(s_f) + (1−λ)·z(s_r); forward = s_f; reverse = s_r."""
+def filter_scores(
+    scores: PoolScores, method: FilterMethod, normalization: Normalization, lam: float, seed: int = 0
+) -> list[float]:
+    """The score each filter ranks by: mutual = λ·z(s_f) + (1−λ)·z(s_r); forward = s_f; reverse = s_r;
+    random = `random_scores(n, seed)`, so that `select` keeps a random subset as large as the other filters'."""
+    if method == "random":
+        return random_scores(len(scores.forward), seed)
     if method == "forward":
         return scores.s_f(normalization)
     if method == "reverse":
@@ -320,7 +330,16 @@ def filter_scores(scores: PoolScores, method: FilterMethod, normalization: Norma
     if method == "mutual":
         zf, zr = zscore(scores.s_f(normalization)), zscore(scores.s_r(normalization))
         return [lam * a + (1 - lam) * b for a, b in zip(zf, zr, strict=True)]
-    raise ValueError(f"filter_scores covers mutual, forward and reverse; got {method!r}")
+    raise ValueError(f"filter_scores covers mutual, forward, reverse and random; got {method!r}")
+
+
+def random_scores(n: int, seed: int) -> list[float]:
+    """n uniform draws in [0, 1), the same for the same seed: the chance baseline a filter has to beat.
+
+    The generator is keyed by a string, not by `seed` itself, so its draws are not the stream that sampled the
+    pool with the same seed (`data.sample_pairs`)."""
+    rng = random.Random(f"random-filter:{seed}")
+    return [rng.random() for _ in range(n)]
 
 
 # ---- 5. selection ---------------------------------------------------------------------------------------
@@ -332,10 +351,15 @@ def select(scores: Sequence[float], top_fraction: float | None = None, threshold
         raise ValueError("select needs exactly one of top_fraction and threshold")
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     if top_fraction is not None:
-        if not 0.0 < top_fraction <= 1.0:
-            raise ValueError(f"top_fraction must be in (0, 1]; got {top_fraction}")
-        return order[: math.ceil(top_fraction * len(scores))]
+        return order[: kept_count(len(scores), top_fraction)]
     return [i for i in order if scores[i] >= threshold]
+
+
+def kept_count(n: int, top_fraction: float) -> int:
+    """How many of n pairs `select` keeps by `top_fraction`: ceil(top_fraction · n)."""
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in (0, 1]; got {top_fraction}")
+    return math.ceil(top_fraction * n)
 
 
 # ---- 6. the Humpback baseline: self-curation by a 5-point rating -------------------------------------------

@@ -197,7 +197,7 @@ def filter_values(ctx: StageContext) -> tuple[list[float], list[int]]:
     scores = mutual.PoolScores.from_rows(shards.iter_rows(ctx.inputs["score"].dir))
     if main.filter_method == "none":
         return [0.0] * len(scores.forward), list(range(len(scores.forward)))
-    values = mutual.filter_scores(scores, main.filter_method, main.score_normalization, main.lam)
+    values = mutual.filter_scores(scores, main.filter_method, main.score_normalization, main.lam, ctx.config.seed)
     return values, mutual.select(values, main.top_fraction, main.threshold)
 
 
@@ -225,9 +225,12 @@ def final_sft(ctx: StageContext) -> dict[str, Any]:
 MODEL = ("model", "quantization")  # every stage that runs the model reads these
 TRAINS = (*MODEL, "lora", "max_length", "seed", "main.system_seed")  # and every stage that trains, these
 SHARDED = (*MODEL, "shard_size", "main.system_seed")  # shards are seeded per index; prompts carry the seed tag
-SELECT = tuple(
-    f"main.{name}"
-    for name in ("filter_method", "score_normalization", "lam", "top_fraction", "threshold", "humpback_min_rating")
+SELECT = (
+    "seed",  # the random filter's draws
+    *(
+        f"main.{name}"
+        for name in ("filter_method", "score_normalization", "lam", "top_fraction", "threshold", "humpback_min_rating")
+    ),
 )
 INPUTS = ("seed_data", "pool_data", "n_seed", "n_pool", "max_length", "seed")
 ALPHAS = ("main.rounds", "main.alpha_schedule", "main.alpha_start", "main.alpha_end")

@@ -1,4 +1,5 @@
-"""MAIN's pieces: α schedules, synthesis drop reasons, selection, ratings, and the scorer's ground truth."""
+"""MAIN's pieces: α schedules, synthesis drop reasons, selection, the random baseline, ratings, and the scorer's
+ground truth."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mainlib.mutual import (
     clean_synthesis,
     filter_scores,
     parse_rating,
+    random_scores,
     roc_auc,
     select,
     shuffled_pairs,
@@ -78,8 +80,8 @@ def test_select_by_threshold_and_bad_input() -> None:
 def test_settings_errors_say_what_to_change() -> None:
     with pytest.raises(
         ValueError,
-        match=r"parameter filter_method: got 'best'; allowed: 'mutual' \| 'forward' \| 'reverse' \| 'humpback' \| "
-        r"'none'",
+        match=r"parameter filter_method: got 'best'; allowed: 'mutual' \| 'forward' \| 'reverse' \| 'random' \| "
+        r"'humpback' \| 'none'",
     ):
         MainSettings(filter_method="best").validate()  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"use 1.0 to keep all"):
@@ -99,6 +101,24 @@ def test_mutual_score_is_the_z_combination() -> None:
     expected = [0.25 * a + 0.75 * b for a, b in zip(zscore([1.0, 0.0, -1.0]), zscore([-1.0, 1.0, -2.0]), strict=True)]
     assert mutual == pytest.approx(expected)
     assert sum(zscore([1.0, 2.0, 6.0])) == pytest.approx(0.0) and zscore([2.0, 2.0]) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(("n", "fraction"), [(10, 0.3), (33, 0.5), (7, 0.01)])
+def test_random_filter_keeps_a_seeded_subset_of_the_same_size(n: int, fraction: float) -> None:
+    scores = PoolScores(*[[-float(i) for i in range(n)]] * 4)  # any scores: the random filter ignores them
+    kept = {seed: select(filter_scores(scores, "random", "pmi", 0.5, seed=seed), fraction) for seed in (0, 1)}
+    assert len(kept[0]) == len(select(filter_scores(scores, "mutual", "pmi", 0.5), fraction)) == math.ceil(fraction * n)
+    assert kept[0] == select(filter_scores(scores, "random", "pmi", 0.5, seed=0), fraction)  # reproducible
+    assert kept[0] != kept[1]  # another seed, another subset
+    assert all(0.0 <= v < 1.0 for v in random_scores(n, 0)) and len(set(random_scores(n, 0))) == n
+
+
+def test_random_filter_is_not_the_pool_sampling_stream() -> None:
+    """The pool is sampled with `random.Random(seed)`: the filter's draws must not repeat that stream."""
+    import random
+
+    stream = random.Random(3)
+    assert random_scores(5, 3) != [stream.random() for _ in range(5)]
 
 
 @pytest.mark.parametrize(
@@ -154,3 +174,26 @@ def test_rating_rubric_is_documented_verbatim() -> None:
     from mainlib.mutual import RATING_PROMPT
 
     assert RATING_PROMPT in (Path(__file__).resolve().parents[1] / "docs" / "ALGORITHMS.md").read_text()
+
+
+def test_the_select_stage_draws_the_random_filter_with_the_run_seed(tmp_path) -> None:
+    """`seed` is among the select stage's declared reads (an undeclared read raises), and it seeds the draw."""
+    from types import SimpleNamespace
+
+    from mainlib import pipeline, shards
+    from mainlib.config import MainConfig
+    from mainlib.stages import ConfigView, StageContext
+
+    rows = [dict.fromkeys(("forward", "reverse", "forward_unconditional", "reverse_unconditional"), -1.0)] * 9
+    shards.run_sharded(tmp_path / "score", rows, 4, lambda chunk, index: chunk, fingerprint="f", desc="score")
+    stage = next(s for s in pipeline.main_stages(MainConfig()) if s.name == "select")
+
+    def kept(seed: int) -> list[int]:
+        config = MainConfig(seed=seed, main=MainSettings(filter_method="random", top_fraction=0.3))
+        view = ConfigView(config, stage.reads, "select")
+        ctx = StageContext(stage, view, tmp_path / "select", {"score": SimpleNamespace(dir=tmp_path / "score")}, "f")
+        values, chosen = pipeline.filter_values(ctx)
+        assert values == random_scores(9, seed)
+        return chosen
+
+    assert len(kept(0)) == 3 and kept(0) == kept(0) and kept(0) != kept(1)
