@@ -302,9 +302,19 @@ def score_pool(
     columns: dict[str, list[float]] = {}
     for direction, name in zip(("forward", "reverse"), adapters, strict=True):
         with bank.use(name) as model:
-            for unconditional in (False, True):
-                found = score_pairs(model, tokenizer, direction, pairs, scoring, system, unconditional)
-                columns[direction + ("_unconditional" if unconditional else "")] = [s.mean for s in found]
+            found = score_pairs(model, tokenizer, direction, pairs, scoring, system)
+            columns[direction] = [s.mean for s in found]
+            # Without its condition a pair's score depends on its target alone (the response forward, the
+            # instruction in reverse), so each distinct target is scored once: the shuffled half of
+            # `ground_truth_auc` repeats every target of the true half.
+            target = [p.response if direction == "forward" else p.instruction for p in pairs]
+            first: dict[str, Pair] = {}
+            for text, pair in zip(target, pairs, strict=True):
+                first.setdefault(text, pair)
+            distinct = list(first.values())
+            found = score_pairs(model, tokenizer, direction, distinct, scoring, system, unconditional=True)
+            by_target = dict(zip(first, (s.mean for s in found), strict=True))
+            columns[direction + "_unconditional"] = [by_target[text] for text in target]
     return PoolScores(**columns)
 
 

@@ -197,3 +197,22 @@ def test_the_select_stage_draws_the_random_filter_with_the_run_seed(tmp_path) ->
         return chosen
 
     assert len(kept(0)) == 3 and kept(0) == kept(0) and kept(0) != kept(1)
+
+
+def test_score_pool_scores_each_unconditional_target_once_with_the_same_numbers(tiny_model_dir, tiny_tokenizer):
+    """The shuffled half of a ground-truth check repeats every target: scored once, each pair still gets its own."""
+    from mainlib.adapters import ModelBank
+    from mainlib.mutual import score_pool, shuffled_pairs
+    from mainlib.scoring import score_pairs
+
+    bank = ModelBank(str(tiny_model_dir), "none")
+    true = [Pair("Name a fruit.", "An apple."), Pair("Add 2 and 3.", "5"), Pair("Say hi.", "Hello there!")]
+    pairs = true + shuffled_pairs(true, seed=0)
+    scores = score_pool(bank, tiny_tokenizer, pairs, adapters=(None, None))
+    with bank.use(None) as model:
+        for direction in ("forward", "reverse"):
+            for unconditional in (False, True):
+                want = [s.mean for s in score_pairs(model, tiny_tokenizer, direction, pairs, None, None, unconditional)]
+                got = getattr(scores, direction + ("_unconditional" if unconditional else ""))
+                assert got == pytest.approx(want, abs=1e-5), (direction, unconditional)
+    assert scores.forward_unconditional[:3] == scores.forward_unconditional[3:]  # the same responses
