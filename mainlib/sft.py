@@ -50,7 +50,7 @@ from mainlib.data import Pair
 from mainlib.models import LoraSettings, Quantization, use_checkpointing
 from mainlib.prompts import Direction, encode
 from mainlib.results import write_json
-from mainlib.target_head import target_log_probs
+from mainlib.target_head import use_target_head
 from mainlib.training import SCHEDULERS, run_arguments, train, use_fast_dropout
 
 SEED, SYNTHETIC = 0, 1  # values of the `group` column
@@ -272,7 +272,7 @@ class WeightedSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         weights, groups = inputs.pop("weight"), inputs.pop("group")
-        outputs = target_log_probs(model, inputs)  # per-token log p of the targets, no full logits
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)  # per-token log p, no full logits
         mask = outputs.label_mask.to(outputs.log_probs.dtype)
         packed = "attention_mask" not in inputs
         if packed:
@@ -350,6 +350,7 @@ def make_trainer(
         data_collator=WeightedCollator(pad_token_id=tokenizer.pad_token_id, padding_free=packing),
     )
     use_fast_dropout(trainer.model)
+    use_target_head(trainer.model)
     return trainer
 
 

@@ -39,6 +39,7 @@ from trl.trainer.utils import pad
 from mainlib.adapters import ModelBank
 from mainlib.models import use_checkpointing
 from mainlib.prompts import encode
+from mainlib.target_head import use_target_head
 from mainlib.training import SCHEDULERS, run_arguments, train, use_fast_dropout
 
 
@@ -242,6 +243,7 @@ def make_trainer(
         peft_config=peft_config,
     )
     use_fast_dropout(trainer.model)
+    use_target_head(trainer.model)
     return trainer
 
 
