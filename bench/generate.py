@@ -3,10 +3,11 @@
 The model is what synthesis runs on: the base with a LoRA adapter. Stock: one `model.generate` call over the
 whole batch, on the stock load (4-bit on CUDA, fp32 on CPU). Ours, on mainlib's default load (4-bit on CUDA, bf16
 weights on a CPU with bf16 matrix instructions), in variants, so the run shows what pays:
-- `default`: `mainlib.generate.generate_ids` as the library runs it (engine `auto`: `static` on CPU, `hf` on CUDA);
-- `hf`: the same with transformers' dynamic cache;
-- `merged`: `hf` on `merged_for_inference` (adapter merged into compute-dtype weights, no 4-bit);
-- `merged_static`: that with the static KV cache, which transformers compiles with CUDA graphs on CUDA.
+- `default`: `mainlib.generate.generate_ids` as the library runs it (engine `auto`: on CPU the static cache, from a
+  copy with the adapter merged, made in each call and timed with it; on CUDA `hf` on the adapter model);
+- `hf`: the adapter model on transformers' dynamic cache, not merged;
+- `static`: the adapter model on the static KV cache, not merged;
+- `merged_hf`: a merged copy per call on the dynamic cache.
 Paths are timed in turns (stock, each variant, then again), so a slow spell of a shared machine falls on every
 path rather than on whichever ran then; each rate is the median over the repeats. `speedup` is the default's
 ratio, `best` names the fastest variant; every variant's ratio is recorded.
@@ -22,7 +23,7 @@ import torch
 from bench.measure import free_memory, in_turns, stock_quantization, trace
 from bench.sft import adapted_model
 from bench.shapes import EOS_ID, PAD_ID, build_shape
-from mainlib.generate import GenerationSettings, generate_ids, merged_for_inference, resolve_engine
+from mainlib.generate import GenerationSettings, generate_ids, merges, resolve_engine
 from mainlib.models import bf16_autocast
 
 
@@ -36,14 +37,14 @@ class GenerateCase:
     top_p: float = 0.9
     warmup: int = 1
     repeats: int = 3
-    variants: tuple[str, ...] = ("default", "hf", "merged", "merged_static")
+    variants: tuple[str, ...] = ("default", "hf", "static", "merged_hf")
 
 
-VARIANTS: dict[str, tuple[bool, str]] = {  # name -> (adapter merged into a copy, engine)
-    "default": (False, "auto"),
-    "hf": (False, "hf"),
-    "merged": (True, "hf"),
-    "merged_static": (True, "static"),
+VARIANTS: dict[str, tuple[str, bool | None]] = {  # name -> (engine, merge_adapter); None: the library's default
+    "default": ("auto", None),
+    "hf": ("hf", False),
+    "static": ("static", False),
+    "merged_hf": ("hf", True),
 }
 
 
@@ -69,7 +70,7 @@ def stock_generate(model, prompts: list[list[int]], case: GenerateCase, sample: 
     return out[:, ids.shape[1] :].tolist()
 
 
-def settings_for(case: GenerateCase, engine: str, sample: bool = True) -> GenerationSettings:
+def settings_for(case: GenerateCase, engine: str, sample: bool = True, merge: bool | None = None) -> GenerationSettings:
     return GenerationSettings(
         max_new_tokens=case.new_tokens,
         temperature=case.temperature if sample else 0.0,
@@ -77,11 +78,13 @@ def settings_for(case: GenerateCase, engine: str, sample: bool = True) -> Genera
         token_budget=case.batch * (case.prompt_len + case.new_tokens),  # the whole batch at once, like stock
         max_batch_size=case.batch,
         engine=engine,
+        merge_adapter=merge,
     )
 
 
-def ours_generate(model, prompts, case: GenerateCase, engine: str, sample: bool = True) -> list[list[int]]:
-    outs = generate_ids(model, prompts, settings_for(case, engine, sample), [EOS_ID], PAD_ID, desc=engine)
+def ours_generate(model, prompts, case: GenerateCase, variant: str, sample: bool = True) -> list[list[int]]:
+    engine, merge = VARIANTS[variant]
+    outs = generate_ids(model, prompts, settings_for(case, engine, sample, merge), [EOS_ID], PAD_ID, desc=variant)
     return [o.token_ids + ([EOS_ID] if o.finish_reason == "eos" else []) for o in outs]
 
 
@@ -97,15 +100,12 @@ def run(case: GenerateCase) -> dict:
     path = build_shape(case.shape)
     free_memory()
     stock_model, model = adapted_model(path, stock_quantization()), adapted_model(path, "auto")
-    merged = merged_for_inference(model) if any(VARIANTS[v][0] for v in case.variants) else None
     rng = random.Random(3)
     vocab = model.config.vocab_size
     prompts = [[rng.randrange(2, vocab) for _ in range(case.prompt_len)] for _ in range(case.batch)]
     paths = {"stock": lambda: stock_generate(stock_model, prompts, case)}
     for variant in case.variants:
-        is_merged, engine = VARIANTS[variant]
-        target = merged if is_merged else model
-        paths[variant] = lambda t=target, e=engine: ours_generate(t, prompts, case, e)
+        paths[variant] = lambda v=variant: ours_generate(model, prompts, case, v)
     rates = in_turns({name: lambda f=fn: _new_tokens(f()) for name, fn in paths.items()}, case.warmup, case.repeats)
     record: dict = {"case": asdict(case), "variants": {}, "weights_dtype": str(model.dtype)}
     for name, fn in paths.items():
@@ -115,14 +115,14 @@ def run(case: GenerateCase) -> dict:
             record["stock"] = result
         else:
             record["variants"][name] = {**result, "speedup": result["tokens_per_s"] / rates["stock"]["tokens_per_s"]}
-    record["check"] = greedy_checks(case, stock_model, model, merged, prompts[:8])
+    record["check"] = greedy_checks(case, stock_model, model, prompts[:8])
     record["ours"] = {**record["variants"][case.variants[0]], "variant": case.variants[0]}
     record["speedup"] = record["ours"]["speedup"]
     record["best"] = max(record["variants"], key=lambda v: record["variants"][v]["speedup"])
     return record
 
 
-def greedy_checks(case: GenerateCase, stock_model, model, merged, few: list[list[int]]) -> dict:
+def greedy_checks(case: GenerateCase, stock_model, model, few: list[list[int]]) -> dict:
     """Greedy references: stock `generate` on our load (same weights: our batching must not change a token), and
     on the stock load (fp32 vs bf16 weights on CPU: near-ties of a random-weight model may flip, then diverge)."""
     greedy_case = GenerateCase(**{**asdict(case), "new_tokens": 32})
@@ -134,12 +134,12 @@ def greedy_checks(case: GenerateCase, stock_model, model, merged, few: list[list
         )
     }
     for variant in case.variants:
-        is_merged, engine = VARIANTS[variant]
-        agreement = _agreement(
-            ours_generate(merged if is_merged else model, few, greedy_case, engine, False), same_weights
-        )
+        engine, merge = VARIANTS[variant]
+        agreement = _agreement(ours_generate(model, few, greedy_case, variant, sample=False), same_weights)
         # Same weights and engine as stock: identical. Merged weights or the static cache's attention over padded
         # columns: rounding may flip a near-tie.
-        need = 1.0 if (not is_merged and resolve_engine(settings_for(case, engine)) == "hf") else 0.9
+        settings = settings_for(greedy_case, engine, False, merge)
+        exact = resolve_engine(settings) == "hf" and not merges(merge, model)
+        need = 1.0 if exact else 0.9
         checks[f"{variant}_greedy_token_agreement"] = {"value": agreement, "at_least": need, "ok": agreement >= need}
     return checks

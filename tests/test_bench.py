@@ -33,7 +33,7 @@ def test_every_suite_runs_and_its_checks_hold(tmp_path: Path, monkeypatch: pytes
     assert variants["checkpointed"]["grad_checkpointing"] and not variants["default"]["packed"]
     assert variants["flex_packed"] == {"skipped": "FlexAttention has no backward on CPU (torch 2.13)"}
     assert variants["liger"] == {"skipped": "Liger kernels are Triton kernels: CUDA only"}
-    assert set(suites["generate"]["variants"]) == {"default", "hf", "merged", "merged_static"}
+    assert set(suites["generate"]["variants"]) == {"default", "hf", "static", "merged_hf"}
     assert suites["generate"]["stock"]["new_tokens"] > 0
     assert suites["score"]["speedup"] > 0 and suites["tdpo"]["step_time_ratio"] > 0
     # Every fast path was compared with its plain path on the same batch, and agreed.

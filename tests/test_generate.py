@@ -96,6 +96,8 @@ def test_merged_copy_scores_like_the_adapter(tiny_model_dir, tiny_tokenizer) -> 
     prompts = _prompts(tiny_tokenizer, ["Hi", "Name a fruit."])
     greedy = GenerationSettings(max_new_tokens=8, temperature=0.0, engine="hf")
     merged_settings = GenerationSettings(**{**greedy.__dict__, "merge_adapter": True})
+    with peft_model.disable_adapter():  # the base: nothing to merge
+        assert merged_for_inference(peft_model) is peft_model
     assert generate(peft_model, tiny_tokenizer, prompts, merged_settings) == generate(
         merged, tiny_tokenizer, prompts, greedy
     )
