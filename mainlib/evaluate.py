@@ -411,8 +411,8 @@ def shared_base_lms(
     """One process: the base loaded once, every adapter a named peft adapter on it, each made active in turn.
 
     On CPU an adapter is evaluated on a copy with it merged into the base's weights (`merged_for_inference`): no
-    LoRA matmuls per token, 1.26x the generation speed of the adapter on the base (`python -m bench generate`,
-    variants `hf` and `merged`), for one more copy of the base while that label runs. GPUs keep the 4-bit base
+    LoRA matmuls per token, 1.22x the generation speed of the adapter on the base (`python -m bench generate`,
+    variants `merged_hf` and `hf`), for one more copy of the base while that label runs. GPUs keep the 4-bit base
     the adapter was trained on, which a merged copy would not be."""
     from mainlib.generate import merged_for_inference
     from mainlib.lm import ContinuousHFLM

@@ -273,9 +273,13 @@ def generate(
 
 def merges(setting: bool | None, model) -> bool:
     """Whether `generate_ids` writes from a merged copy: as set, or by default on CPU, where the adapter's matmuls
-    cost more than the copy (`python -m bench generate`: `merged_static` 2.76x stock against 1.91x for the adapter
-    on the same engine, SmolLM2-135M shape, batch 16, 2 cores)."""
-    return setting if setting is not None else next(model.parameters()).device.type == "cpu"
+    cost more than the copy (SmolLM2-135M shape, batch 16, 64 + 64 tokens, 2 cores, static cache: 1.98x stock with
+    the copy rebuilt in the call against 1.69x on the adapter, `python -m bench generate`; 2.72-2.76x with a copy
+    merged once, ad hoc). Not by default under several processes: loading the copy's base is a collective there
+    (`models.load_model` converts on the main process), and MAIN's rounds generate on the main process alone."""
+    if setting is not None:
+        return setting
+    return next(model.parameters()).device.type == "cpu" and distributed.world_size() == 1
 
 
 def merged_for_inference(model, dtype: torch.dtype | None = None):

@@ -13,13 +13,14 @@ percentile-family interval (BCa by default) over the items that were measured: p
 
 An interval is degenerate, (estimate, estimate, estimate), when every resample gives the same statistic (a
 constant sample), where BCa itself would return NaN. Cost: BCa adds a jackknife of n statistics over n − 1 items;
-for pools of tens of thousands of items, `method="percentile"` skips it.
+for pools of tens of thousands of items, `Resampling(method="percentile")` skips it.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -29,6 +30,16 @@ from mainlib.mutual import kept_count
 
 Method = Literal["BCa", "percentile", "basic"]
 Statistic = Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """How every interval here is drawn: the same defaults for all, one argument to change them."""
+
+    confidence: float = 0.95
+    n_resamples: int = 9999
+    seed: int = 0
+    method: Method = "BCa"  # "percentile" skips BCa's jackknife (n statistics) for very large samples
 
 
 class Interval(NamedTuple):
@@ -42,15 +53,7 @@ class Interval(NamedTuple):
         return dict(self._asdict())
 
 
-def _interval(
-    samples: Sequence[Sequence[float]],
-    statistic: Statistic,
-    paired: bool,
-    confidence: float,
-    n_resamples: int,
-    seed: int,
-    method: Method,
-) -> Interval:
+def _interval(samples: Sequence[Sequence[float]], statistic: Statistic, paired: bool, r: Resampling) -> Interval:
     """The statistic on the samples and scipy's bootstrap interval of it (`statistic(*samples, axis=...)` must be
     vectorised along `axis`)."""
     data = tuple(np.asarray(s, dtype=float) for s in samples)
@@ -60,14 +63,14 @@ def _interval(
         result = bootstrap(
             data,
             statistic,
-            n_resamples=n_resamples,
+            n_resamples=r.n_resamples,
             vectorized=True,
             batch=max(1, 2**23 // max(len(d) for d in data)),  # resamples at a time: ~8M values per array
             paired=paired,
             axis=-1,
-            confidence_level=confidence,
-            method=method,
-            rng=np.random.default_rng(seed),
+            confidence_level=r.confidence,
+            method=r.method,
+            rng=np.random.default_rng(r.seed),
         )
     if np.ptp(result.bootstrap_distribution) <= 1e-12 * max(1.0, abs(estimate)):
         return Interval(estimate, estimate, estimate)
@@ -78,14 +81,10 @@ def _interval(
 
 def mean_ci(
     values: Sequence[float],
-    *,
-    confidence: float = 0.95,
-    n_resamples: int = 9999,
-    seed: int = 0,
-    method: Method = "BCa",
+    resampling: Resampling = Resampling(),
 ) -> Interval:
     """The mean of per-item values and its bootstrap interval over the items."""
-    return _interval((values,), np.mean, False, confidence, n_resamples, seed, method)
+    return _interval((values,), np.mean, False, resampling)
 
 
 def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -95,16 +94,12 @@ def _mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray
 def paired_difference_ci(
     a: Sequence[float],
     b: Sequence[float],
-    *,
-    confidence: float = 0.95,
-    n_resamples: int = 9999,
-    seed: int = 0,
-    method: Method = "BCa",
+    resampling: Resampling = Resampling(),
 ) -> Interval:
     """mean(a − b) over items measured under both conditions (a_i and b_i on the same item), resampled in pairs."""
     if len(a) != len(b):
         raise ValueError(f"paired values need one a and one b per item; got {len(a)} and {len(b)}")
-    return _interval((a, b), _mean_difference, True, confidence, n_resamples, seed, method)
+    return _interval((a, b), _mean_difference, True, resampling)
 
 
 def kept_mean(alignment: np.ndarray, score: np.ndarray, top_fraction: float, axis: int = -1) -> np.ndarray:
@@ -120,11 +115,7 @@ def selection_difference_ci(
     score_a: Sequence[float],
     score_b: Sequence[float],
     top_fraction: float,
-    *,
-    confidence: float = 0.95,
-    n_resamples: int = 9999,
-    seed: int = 0,
-    method: Method = "BCa",
+    resampling: Resampling = Resampling(),
 ) -> Interval:
     """Mean alignment of the pairs filter A keeps minus that of the pairs filter B keeps, both keeping
     `top_fraction` of the pool; each bootstrap resample of the pool selects again."""
@@ -134,7 +125,7 @@ def selection_difference_ci(
     def difference(al: np.ndarray, a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
         return kept_mean(al, a, top_fraction, axis) - kept_mean(al, b, top_fraction, axis)
 
-    return _interval((alignment, score_a, score_b), difference, True, confidence, n_resamples, seed, method)
+    return _interval((alignment, score_a, score_b), difference, True, resampling)
 
 
 def _auc(positive: np.ndarray, negative: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -147,27 +138,19 @@ def _auc(positive: np.ndarray, negative: np.ndarray, axis: int = -1) -> np.ndarr
 def auc_ci(
     positive: Sequence[float],
     negative: Sequence[float],
-    *,
-    confidence: float = 0.95,
-    n_resamples: int = 9999,
-    seed: int = 0,
-    method: Method = "BCa",
+    resampling: Resampling = Resampling(),
 ) -> Interval:
     """ROC-AUC of a score for telling positive items from negative ones; positives and negatives are resampled
     separately (a stratified bootstrap), so no resample lacks a class."""
     if not len(positive) or not len(negative):
         raise ValueError(f"ROC-AUC needs both classes; got {len(positive)} positive and {len(negative)} negative")
-    return _interval((positive, negative), _auc, False, confidence, n_resamples, seed, method)
+    return _interval((positive, negative), _auc, False, resampling)
 
 
 def alignment_auc_ci(
     score: Sequence[float],
     alignment: Sequence[float],
-    *,
-    confidence: float = 0.95,
-    n_resamples: int = 9999,
-    seed: int = 0,
-    method: Method = "BCa",
+    resampling: Resampling = Resampling(),
 ) -> Interval:
     """ROC-AUC of a filter score for finding the pairs whose alignment is above the pool's median (0.5: the score
     knows nothing of the alignment; 1: it ranks every above-median pair first)."""
@@ -175,6 +158,4 @@ def alignment_auc_ci(
     if len(values) != len(aligned):
         raise ValueError(f"one score per alignment value; got {len(values)} and {len(aligned)}")
     above = aligned > np.median(aligned)
-    return auc_ci(
-        values[above], values[~above], confidence=confidence, n_resamples=n_resamples, seed=seed, method=method
-    )
+    return auc_ci(values[above], values[~above], resampling)

@@ -144,7 +144,9 @@ def test_one_base_for_the_whole_run(
         bank.add("forward", LoraSettings(r=4, alpha=8), seed=1)
         bank.save("forward", adapter, tiny_tokenizer, {"lora": {"r": 4}})
         load_calls.clear()
-    config = tiny_config(tiny_model_dir, tmp_path, adapter=adapter)
+    # merge_adapter False: on CPU generation otherwise writes from a temporary merged copy, a second load
+    unmerged = {"helper_merge_adapter": False, "response_merge_adapter": False}
+    config = tiny_config(tiny_model_dir, tmp_path, adapter=adapter, **unmerged)
     state = run_musc(config)
     assert state.ran == list(STAGES) and load_calls == [str(tiny_model_dir)]  # generation, weights, DPO: one base
     saved = json.loads((state.adapter_dir / models.ADAPTER_CONFIG_FILE).read_text())
