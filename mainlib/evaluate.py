@@ -414,7 +414,7 @@ def shared_base_lms(
     LoRA matmuls per token, 1.22x the generation speed of the adapter on the base (`python -m bench generate`,
     variants `merged_hf` and `hf`), for one more copy of the base while that label runs. GPUs keep the 4-bit base
     the adapter was trained on, which a merged copy would not be."""
-    from mainlib.generate import merged_for_inference
+    from mainlib.generate import merged_for_inference, merges
     from mainlib.lm import ContinuousHFLM
     from mainlib.models import load_model
 
@@ -427,7 +427,7 @@ def shared_base_lms(
     shared = lm_of(base)
     for label, adapter in adapters.items():
         with active_adapter(base, names[label]):
-            if names[label] is None or base.device.type != "cpu":
+            if names[label] is None or not merges(None, base):
                 yield label, adapter, shared
                 continue
             merged = lm_of(merged_for_inference(base))
