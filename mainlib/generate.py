@@ -30,6 +30,7 @@ On CPU, a LoRA model writes from a copy with its active adapter merged into the 
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import importlib.util
@@ -287,9 +288,12 @@ def merged_for_inference(model, dtype: torch.dtype | None = None):
     `dtype` weights (default: the base's compute dtype, e.g. bf16 under a 4-bit or bf16 base): no bitsandbytes
     dequantisation and no LoRA matmuls per decode step, and compilable.
 
-    The base is reloaded unquantised from where it was loaded (`config._name_or_path`); the 4-bit base's
-    rounding is not carried over, so outputs differ from the 4-bit model's by that rounding. Costs the
-    memory of the full-precision base (2.5 GiB for a 1B model in bf16, 13.5 GiB for 7B).
+    Over a plain (unquantised) base the copy is built from the live weights (`_merged_from_live`): it shares every
+    weight the adapter does not touch and costs only the merged matrices. Over a 4-bit base, or an adapter
+    `_merged_from_live` does not handle, the base is reloaded unquantised from where it was loaded
+    (`config._name_or_path`); the 4-bit base's rounding is not carried over, so outputs differ from the 4-bit
+    model's by that rounding, and the copy costs the memory of the full-precision base (2.5 GiB for a 1B model in
+    bf16, 13.5 GiB for 7B).
     """
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -297,18 +301,61 @@ def merged_for_inference(model, dtype: torch.dtype | None = None):
 
     if not isinstance(model, PeftModel) or adapters_disabled(model):
         return model  # nothing to merge (inside `disable_adapter()`: the base)
-    device = next(model.parameters()).device
     dtype = dtype or model.get_base_model().dtype
+    if _merges_live(model):
+        return _merged_from_live(model, dtype)
+    device = next(model.parameters()).device
     base = load_model(model.base_model.model.config._name_or_path, "none", device)
     base.to(dtype)
     name = model.active_adapter
-    config = model.peft_config[name]
-    copy = get_peft_model(base, config)
-    set_peft_model_state_dict(copy, get_peft_model_state_dict(model, adapter_name=name))
-    merged = copy.merge_and_unload()
-    merged.to(dtype)
-    merged.config.use_cache = True
-    return merged.eval()
+    adapted = get_peft_model(base, model.peft_config[name])
+    set_peft_model_state_dict(adapted, get_peft_model_state_dict(model, adapter_name=name))
+    return _for_inference(adapted.merge_and_unload(), dtype)
+
+
+def _merges_live(model) -> bool:
+    """Whether `_merged_from_live` can merge `model`'s active adapter: plain LoRA (no DoRA, no modules saved
+    whole) on `torch.nn.Linear` base layers, i.e. nothing quantised."""
+    from peft.tuners.lora import LoraLayer
+
+    config = model.peft_config[model.active_adapter]
+    if getattr(config, "peft_type", None) != "LORA" or config.use_dora or config.modules_to_save:
+        return False
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return all(type(m.get_base_layer()) is torch.nn.Linear for m in layers)
+
+
+def _merged_from_live(model, dtype: torch.dtype):
+    """The merged copy without a reload: a fresh module tree (weights left uninitialised) that takes the base's own
+    tensors for every weight the adapter leaves alone (shared, not copied: inference never writes them) and
+    W + scale * B @ A, summed in fp32, for each adapted matrix. SmolLM2-135M on 2 cores: ~0.1 s against ~1.5 s
+    for reload + merge."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    base, name = model.get_base_model(), model.active_adapter
+    state = {
+        key.replace(".base_layer.", "."): value.to(dtype)
+        for key, value in base.state_dict().items()
+        if ".lora_" not in key
+    }
+    with torch.no_grad():
+        for path, layer in base.named_modules():
+            if isinstance(layer, LoraLayer) and name in layer.lora_A:
+                weight = layer.get_base_layer().weight
+                state[f"{path}.weight"] = (weight.float() + layer.get_delta_weight(name).float()).to(dtype)
+    with no_init_weights():  # a config of its own: the copy turns `use_cache` on, the trained model keeps it off
+        merged = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=dtype)
+    merged.load_state_dict(state, strict=True, assign=True)
+    merged.tie_weights()
+    return _for_inference(merged.to(next(base.parameters()).device), dtype)
+
+
+def _for_inference(model, dtype: torch.dtype):
+    model.to(dtype)
+    model.config.use_cache = True
+    return model.eval()
 
 
 def adapters_disabled(model) -> bool:

@@ -84,8 +84,12 @@ def test_merged_copy_scores_like_the_adapter(tiny_model_dir, tiny_tokenizer) -> 
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    use_cache = peft_model.config.use_cache
     merged = merged_for_inference(peft_model, torch.float32)
     assert not hasattr(merged, "peft_config")
+    assert peft_model.config.use_cache == use_cache and merged.config.use_cache  # a config of its own
+    embed = peft_model.get_base_model().get_input_embeddings().weight
+    assert merged.get_input_embeddings().weight.data_ptr() == embed.data_ptr()  # untouched weights shared
     ids = torch.tensor([tiny_tokenizer("Name a fruit, please.")["input_ids"]])
     with torch.no_grad():
         want, got, base = (
