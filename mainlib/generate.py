@@ -349,12 +349,13 @@ def _merged_from_live(model, dtype: torch.dtype):
         merged = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=dtype)
     merged.load_state_dict(state, strict=True, assign=True)
     merged.tie_weights()
+    merged.generation_config = copy.deepcopy(base.generation_config)  # from_config's follows use_cache=False
     return _for_inference(merged.to(next(base.parameters()).device), dtype)
 
 
 def _for_inference(model, dtype: torch.dtype):
     model.to(dtype)
-    model.config.use_cache = True
+    model.config.use_cache = model.generation_config.use_cache = True  # training turned the KV cache off
     return model.eval()
 
 

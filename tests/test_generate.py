@@ -88,6 +88,7 @@ def test_merged_copy_scores_like_the_adapter(tiny_model_dir, tiny_tokenizer) -> 
     merged = merged_for_inference(peft_model, torch.float32)
     assert not hasattr(merged, "peft_config")
     assert peft_model.config.use_cache == use_cache and merged.config.use_cache  # a config of its own
+    assert merged.generation_config.use_cache  # else generate recomputes the whole prefix at every token
     embed = peft_model.get_base_model().get_input_embeddings().weight
     assert merged.get_input_embeddings().weight.data_ptr() == embed.data_ptr()  # untouched weights shared
     ids = torch.tensor([tiny_tokenizer("Name a fruit, please.")["input_ids"]])
