@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # On a GPU box with a CUDA torch installed system-wide: make demo VENV_FLAGS=--system-site-packages
 VENV_FLAGS ?=
 
-.PHONY: setup demo sweep test test-all lint clean-cache bundled-data
+.PHONY: setup demo sweep study test test-all lint clean-cache bundled-data
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -38,6 +38,15 @@ demo: setup
 SWEEP ?= sweeps/alpha_x_filter.yaml
 sweep: setup
 	$(PY) -m mainlib.sweep $(SWEEP)
+
+# The reference study (mainlib/study/, sweeps/study_*.yaml): resumable, run it again until it says "all done";
+# then notebook 07 writes results/study/. PROFILE=smoke: the whole path on tiny sizes (minutes).
+PROFILE ?= cpu
+study: setup
+	$(PY) -m mainlib.study --profile $(PROFILE)
+	@mkdir -p runs/study/$(PROFILE)
+	$(VENV)/bin/papermill --cwd notebooks notebooks/07_study.ipynb runs/study/$(PROFILE)/07_study.ipynb \
+	    -p profile $(PROFILE)
 
 # make test leaves out the tests marked heavy (pyproject.toml: -m 'not heavy'); test-all runs every test.
 test: setup

@@ -18,6 +18,10 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
+import random
+import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,3 +134,38 @@ def ifeval(source: Source = "bundled") -> DatasetDict:
     for r in rows:
         r["kwargs"] = [{k: kw.get(k) for k in keys} for kw in r["kwargs"]]
     return DatasetDict({"train": Dataset.from_list(rows)})
+
+
+def gsm8k_solution(answer: str) -> str:
+    """A GSM8K solution as plain prose, as the bundled pool holds them: calculator annotations <<...>> removed and
+    the final '#### n' spelled out ("The final answer is n.")."""
+    text = re.sub(r"<<[^>]*>>", "", answer)
+    return re.sub(r"\n?####\s*(.+)\s*$", r"\nThe final answer is \1.", text).strip()
+
+
+IFEVAL_SUBSET = Path(__file__).parent / "tasks" / "ifeval_subset_keys.json"  # the study's fixed IFEval prompts
+
+
+def stratified_ifeval_keys(rows: list[dict[str, Any]], n: int, seed: int = 0) -> list[int]:
+    """`n` IFEval prompt keys stratified by instruction group (the part before ':' of each prompt's first
+    instruction id, e.g. 'punctuation'): each group gives its share of `n`, largest remainders rounded up, drawn
+    with `seed`; sorted. The reference study evaluates these (`mainlib_ifeval_subset`), the same for every cell."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for row in rows:
+        groups[row["instruction_id_list"][0].partition(":")[0]].append(row["key"])
+    shares = {g: n * len(keys) / len(rows) for g, keys in groups.items()}
+    take = {g: math.floor(share) for g, share in shares.items()}
+    for g in sorted(shares, key=lambda g: (take[g] - shares[g], g))[: n - sum(take.values())]:
+        take[g] += 1  # the groups with the largest remainders
+    rng = random.Random(f"ifeval-subset:{seed}")
+    return sorted(k for g in sorted(groups) for k in rng.sample(sorted(groups[g]), take[g]))
+
+
+def ifeval_subset(source: Source = "full") -> DatasetDict:
+    """IFEval restricted to the committed prompt keys (`IFEVAL_SUBSET`); every key must be in the source."""
+    keys = set(json.loads(IFEVAL_SUBSET.read_text(encoding="utf-8"))["keys"])
+    full = ifeval(source)["train"]
+    subset = full.filter(lambda row: row["key"] in keys)
+    if len(subset) != len(keys):
+        raise ValueError(f"{IFEVAL_SUBSET}: {len(keys) - len(subset)} keys are not in the {source} IFEval set")
+    return DatasetDict({"train": subset})

@@ -218,6 +218,14 @@ class MuscConfig:
         default=5, metadata={"help": "'self': a task with more than N constraints", "range": "[1, inf)"}
     )
     seed: int = field(default=0, metadata={"help": "the run's one seed: sampling, corruption, generation, DPO"})
+    heldout_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of the preference pairs tdpo leaves out, to measure held-out preference accuracy on "
+            "(tdpo/heldout.json, mainlib.musc.heldout); 0: train on all",
+            "range": "[0, 1)",
+        },
+    )
     shard_size: int = shard_size_field()
     coarse: CoarseSettings = field(
         default_factory=CoarseSettings,

@@ -48,12 +48,17 @@ def seed_pairs(ctx: StageContext) -> list[Pair]:
     return list(read_pairs(ctx.inputs["inputs"].dir / "seed.jsonl"))
 
 
-def sft_settings(hyper: sft.SFTHyperparameters, ctx: StageContext, **run_wide: Any) -> sft.SFTSettings:
+def sft_settings(hyper: sft.SFTHyperparameters, c: MainConfig, **run_wide: Any) -> sft.SFTSettings:
     """One SFT's settings: its own hyperparameters plus the run-wide length, seed and seed-data tag."""
-    c = ctx.config
     return sft.SFTSettings(
         **hyper.to_dict(), max_length=c.max_length, seed=c.seed, system_seed=c.main.system_seed, **run_wide
     )
+
+
+def final_settings(c: MainConfig, epochs: float | None = None) -> sft.SFTSettings:
+    """The final SFT's settings (`epochs`: another number of passes, e.g. to give every study arm the same steps)."""
+    hyper = c.final_sft if epochs is None else dataclasses.replace(c.final_sft, epochs=epochs)
+    return sft_settings(hyper, c, direction="forward", system_synthetic=c.main.system_synthetic)
 
 
 def train_adapter(ctx: StageContext, name: str, pairs: list, settings: sft.SFTSettings, saved_as: str) -> dict:
@@ -98,7 +103,7 @@ def init_sft(ctx: StageContext) -> dict[str, Any]:
     seed = seed_pairs(ctx)
     return {
         direction: train_adapter(
-            ctx, direction, seed, sft_settings(ctx.config.sft, ctx, direction=direction), direction
+            ctx, direction, seed, sft_settings(ctx.config.sft, ctx.config, direction=direction), direction
         )
         for direction in ("forward", "reverse")
     }
@@ -110,7 +115,7 @@ def mutual_round(ctx: StageContext) -> dict[str, Any]:
     for direction in ("forward", "reverse"):
         bank.ensure(direction, ctx.inputs[ctx.params["previous"]].dir / direction, trainable=True)
     alpha = mutual.alpha_schedule(c.main.alpha_schedule, c.main.alpha_start, c.main.alpha_end, c.main.rounds)[k]
-    settings = dataclasses.replace(sft_settings(c.round_sft, ctx), seed=c.seed + k + 1)
+    settings = dataclasses.replace(sft_settings(c.round_sft, c), seed=c.seed + k + 1)
     result = mutual.round_update(
         k, alpha, bank, tokenizer, seed_pairs(ctx), settings, c.round_generation, ctx.dir, c.main
     )
@@ -216,7 +221,7 @@ def final_sft(ctx: StageContext) -> dict[str, Any]:
     c = ctx.config
     selected = list(read_pairs(ctx.inputs["select"].dir / "selected.jsonl"))
     pairs = sft.weight_pairs(seed_pairs(ctx), selected, c.main.final_alpha)
-    settings = sft_settings(c.final_sft, ctx, direction="forward", system_synthetic=c.main.system_synthetic)
+    settings = final_settings(c)
     return train_adapter(ctx, "final", pairs, settings, "forward")
 
 
@@ -250,10 +255,16 @@ def round_stage(k: int) -> Stage:
     )
 
 
+def aligned_stage(config: MainConfig, k: int) -> str:
+    """The stage holding p_f^k and p_r^k, the adapters after k rounds (k = 0: the seed-only ones of init_sft)."""
+    if not 0 <= k <= config.main.rounds:
+        raise ValueError(f"k must be in [0, rounds = {config.main.rounds}]; got {k}")
+    return f"round_{k - 1}" if k else "init_sft"
+
+
 def main_stages(config: MainConfig) -> list[Stage]:
     """MAIN's stages in order, with what each reads and needs (K rounds; `rate` only for Humpback)."""
-    k_rounds = config.main.rounds
-    aligned = f"round_{k_rounds - 1}" if k_rounds else "init_sft"  # the stage holding p_f^K and p_r^K
+    aligned = aligned_stage(config, config.main.rounds)
     humpback = config.main.filter_method == "humpback"
     reverse_from = "init_sft" if humpback else aligned  # Humpback backtranslates with the seed-only model (§3)
     rating = [
@@ -270,7 +281,7 @@ def main_stages(config: MainConfig) -> list[Stage]:
     return [
         Stage("inputs", load_inputs, reads=(*INPUTS, "model"), files=("seed_data", "pool_data"), code=(data,)),
         Stage("init_sft", init_sft, reads=(*TRAINS, "sft"), needs=("inputs",), code=(sft, prompts), every_process=True),
-        *[round_stage(k) for k in range(k_rounds)],
+        *[round_stage(k) for k in range(config.main.rounds)],
         Stage(
             "synthesize",
             synthesize,

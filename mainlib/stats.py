@@ -10,6 +10,8 @@ percentile-family interval (BCa by default) over the items that were measured: p
 * `selection_difference_ci`: mean alignment of the pairs filter A keeps minus that of filter B's, at one
   `top_fraction`; each resample of the pool re-selects, so the interval includes the selection's own variance.
 * `auc_ci` / `alignment_auc_ci`: how well a filter score ranks pairs of above-median alignment first.
+* `stratified_ci`: the mean over seeds of any of these per-seed statistics, each seed's items resampled within
+  that seed (a seed's pool, its own selection): the headline number of a comparison run with several seeds.
 
 An interval is degenerate, (estimate, estimate, estimate), when every resample gives the same statistic (a
 constant sample), where BCa itself would return NaN. Cost: BCa adds a jackknife of n statistics over n − 1 items;
@@ -159,3 +161,30 @@ def alignment_auc_ci(
         raise ValueError(f"one score per alignment value; got {len(values)} and {len(aligned)}")
     above = aligned > np.median(aligned)
     return auc_ci(values[above], values[~above], resampling)
+
+
+def stratified_ci(
+    groups: Sequence[Sequence[Sequence[float]]],
+    statistic: Statistic,
+    resampling: Resampling = Resampling(),
+) -> Interval:
+    """The mean over groups (e.g. seeds) of `statistic(*samples, axis=-1)` on each group's paired samples, with a
+    percentile interval from a stratified bootstrap: each resample redraws every group's items within the group,
+    so groups count equally whatever their sizes and no item moves between groups (one group: the plain paired
+    percentile bootstrap)."""
+    if not groups:
+        raise ValueError("stratified_ci needs at least one group")
+    data = [tuple(np.asarray(s, dtype=float) for s in group) for group in groups]
+    estimate = float(np.mean([statistic(*group, axis=-1) for group in data]))
+    rng = np.random.default_rng(resampling.seed)
+    draws = np.zeros(resampling.n_resamples)
+    for group in data:
+        n = len(group[0])
+        batch = max(1, 2**23 // n)  # resamples at a time: ~8M indices
+        for start in range(0, resampling.n_resamples, batch):
+            index = rng.integers(0, n, size=(min(batch, resampling.n_resamples - start), n))
+            draws[start : start + len(index)] += statistic(*(s[index] for s in group), axis=-1)
+    draws /= len(data)
+    tail = (1 - resampling.confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return Interval(estimate, float(low), float(high))

@@ -16,11 +16,13 @@ import gzip
 import hashlib
 import json
 import random
-import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from mainlib.benchmarks import gsm8k_solution
+from mainlib.musc.constraints import complex_instruction
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,45 +81,6 @@ SOURCES = {
     ),
 }
 
-# Constraint bank for the complex instructions, written for this project (no external text). One
-# constraint at most per category, so no two constraints contradict each other.
-CONSTRAINTS: dict[str, list[str]] = {
-    "length": [
-        "Keep the answer under {n} words.",
-        "Write at least {m} sentences.",
-        "Answer in exactly {k} paragraphs separated by the markdown divider ***.",
-    ],
-    "format": [
-        "Format the answer as exactly {k} markdown bullet points.",
-        "Give the answer a title wrapped in double angular brackets, such as <<title>>.",
-        "Highlight at least {k} parts of the answer with markdown, i.e. *highlighted part*.",
-        "Wrap the entire answer in double quotation marks.",
-    ],
-    "case": [
-        "Write the whole answer in lowercase letters, with no capital letters at all.",
-        "Write the whole answer in English capital letters.",
-    ],
-    "punctuation": ["Do not use any commas.", "Do not use any exclamation marks."],
-    "start": ["Start the answer with the word '{word}'.", "Begin with a one-sentence summary of the task."],
-    "end": [
-        "End the answer with the exact phrase 'Is there anything else I can help with?'",
-        "Add a postscript at the end that starts with P.S.",
-        "Finish with a sentence that starts with 'In short,'.",
-    ],
-    "keywords": [
-        "Include the keywords '{kw1}' and '{kw2}'.",
-        "Do not use the words '{kw1}' or '{kw2}'.",
-        "Mention the word '{kw1}' at least twice.",
-    ],
-    "tone": [
-        "Use a formal tone suitable for a business report.",
-        "Write it for a ten-year-old reader.",
-        "Sound enthusiastic and friendly.",
-    ],
-}
-KEYWORDS = ["simple", "important", "example", "clear", "practical", "future", "quality", "balance", "idea", "time"]
-START_WORDS = ["Certainly", "Well", "Here", "Today", "First"]
-
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -144,39 +107,6 @@ def self_instruct_pair(task: dict, source: str) -> dict:
     return {"instruction": instruction, "response": instance["output"].strip(), "source": f"{source}:{task['id']}"}
 
 
-def gsm8k_solution(answer: str) -> str:
-    """A GSM8K solution as plain prose: calculator annotations <<...>> removed, '#### n' spelled out."""
-    text = re.sub(r"<<[^>]*>>", "", answer)
-    return re.sub(r"\n?####\s*(.+)\s*$", r"\nThe final answer is \1.", text).strip()
-
-
-def complex_instruction(task: dict, rng: random.Random) -> dict:
-    n_constraints = rng.choice([2, 3, 3, 4])
-    categories = rng.sample(sorted(CONSTRAINTS), n_constraints)
-    kw1, kw2 = rng.sample(KEYWORDS, 2)
-    fill = {
-        "n": rng.choice([50, 80, 120]),
-        "m": rng.choice([3, 4, 5]),
-        "k": rng.choice([2, 3, 4]),
-        "word": rng.choice(START_WORDS),
-        "kw1": kw1,
-        "kw2": kw2,
-    }
-    constraints = [rng.choice(CONSTRAINTS[c]).format(**fill) for c in categories]
-    instance = task["instances"][0]
-    base = task["instruction"].strip()
-    task_input = instance["input"].strip()
-    text = base + (f"\n\n{task_input}" if task_input else "") + "\n\n" + " ".join(constraints)
-    return {
-        "instruction": text,
-        "task": base,
-        "input": task_input,
-        "constraints": constraints,
-        "constraint_categories": categories,
-        "source": f"self_instruct_user_oriented:{task['id']}",
-    }
-
-
 def build(src: Path, out: Path) -> dict:
     rng = random.Random(SEED)
     files: dict[str, int] = {}
@@ -194,7 +124,8 @@ def build(src: Path, out: Path) -> dict:
     write_jsonl(out / "seed.jsonl", seed)
     heldout = [self_instruct_pair(user_tasks[i], "self_instruct_user_oriented") for i in sorted(heldout_user)]
     write_jsonl(out / "heldout.jsonl", heldout)
-    complex_rows = [complex_instruction(user_tasks[i], rng) for i in sorted(complex_user)]
+    user_oriented = "self_instruct_user_oriented"
+    complex_rows = [complex_instruction(user_tasks[i], rng, user_oriented) for i in sorted(complex_user)]
     for i, row in enumerate(complex_rows):
         row["id"] = f"complex_{i:03d}"
     write_jsonl(out / "complex_instructions.jsonl", complex_rows)

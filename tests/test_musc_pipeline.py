@@ -186,3 +186,17 @@ def test_a_starting_adapter_of_another_base_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"parameter adapter: .*trained on 'some/other-model'"):
         run_musc(config)
     assert not (tmp_path / "runs").exists()
+
+
+def test_heldout_pairs_are_left_out_of_training_and_measured(tiny_model_dir: Path, tmp_path: Path) -> None:
+    trained_on_all = run_musc(tiny_config(tiny_model_dir, tmp_path))
+    assert trained_on_all.heldout is None
+    state = run_musc(tiny_config(tiny_model_dir, tmp_path, heldout_fraction=0.4))
+    assert state.ran == ["tdpo"]  # the pairs are the same; only training and its measurement change
+    pairs = state.counts["respond"]["kept"]
+    held = round(0.4 * pairs)
+    assert state.counts["tdpo"]["pairs"] == pairs - held and state.counts["tdpo"]["heldout_pairs"] == held
+    for kind in ("weighted", "uniform"):
+        result = state.heldout[kind]
+        assert len(result["margins"]) == held
+        assert result["accuracy"] == sum(m > 0 for m in result["margins"]) / held

@@ -33,6 +33,7 @@ from mainlib.models import load_tokenizer, read_adapter_config
 from mainlib.musc import coarse, tokens
 from mainlib.musc import prompts as musc_prompts
 from mainlib.musc import tdpo as weighted_dpo
+from mainlib.musc.heldout import heldout_accuracy, split_heldout
 from mainlib.musc.tdpo import DPOResult
 from mainlib.parameters import ConfigError, Problem
 from mainlib.results import write_json, write_jsonl
@@ -197,7 +198,8 @@ def start_training(ctx: StageContext) -> None:
 
 
 def tdpo(ctx: StageContext) -> dict[str, Any]:
-    """A LoRA adapter trained with token-weighted DPO on the weighted pairs, saved in `tdpo/model`."""
+    """A LoRA adapter trained with token-weighted DPO on the weighted pairs, saved in `tdpo/model`; with
+    `heldout_fraction`, trained on the rest and measured on the pairs held out (`heldout.json`)."""
     c, tokenizer = ctx.config, ctx.shared.tokenizer
     rows = list(shards.iter_rows(ctx.inputs["token_weights"].dir))
     if not rows:
@@ -205,12 +207,30 @@ def tdpo(ctx: StageContext) -> dict[str, Any]:
             "no preference pair survived the coarse steps (see the counts of decompose/contrast/respond); "
             "raise n, response_max_new_tokens, or use decompose='given' / recombine='template'"
         )
+    rows, held = split_heldout(rows, c.heldout_fraction, c.seed) if c.heldout_fraction else (rows, [])
     start_training(ctx)
     result = weighted_dpo.train_bank_tdpo(ctx.shared.bank, TRAINED, tokenizer, rows, c.dpo, ctx.dir / "trainer")
     saved = {"start_adapter": c.adapter, "lora": asdict(c.lora), "dpo": c.dpo.to_dict(), "weights": asdict(c.weights)}
     ctx.shared.bank.save(TRAINED, ctx.dir / "model", tokenizer, saved)  # the bank adds base_model, quantization
     distributed.on_main(lambda: write_json(ctx.dir / "dpo_result.json", result.to_dict()))
-    return {**result.counts, "seconds": result.seconds}
+    counts = {**result.counts, "seconds": result.seconds}
+    if held:
+        accuracy = heldout_report(ctx, held)
+        distributed.on_main(lambda: write_json(ctx.dir / "heldout.json", accuracy))
+        counts |= {"heldout_pairs": len(held), "heldout_accuracy": accuracy["weighted"]["accuracy"]}
+    return counts
+
+
+def heldout_report(ctx: StageContext, held: list[Row]) -> dict[str, Any]:
+    """The trained adapter's preference accuracy on the held-out pairs against the policy it started from, with
+    the token weights it was trained under and with uniform ones (the same yardstick for every weight mode)."""
+    reference = start_policy(ctx)
+    return {
+        kind: heldout_accuracy(
+            ctx.shared.bank, TRAINED, ctx.shared.tokenizer, held, ctx.config.dpo, reference, weighted=weighted
+        ).to_dict()
+        for kind, weighted in (("weighted", True), ("uniform", False))
+    }
 
 
 def sharded(
@@ -238,7 +258,7 @@ def musc_stages(config: MuscConfig) -> list[Stage]:
     split = ("coarse.decompose", "coarse.min_constraints", *writes)
     corrupt = (*MODEL, "coarse.corruption", "coarse.seed", "coarse.helper", "coarse.recombine")
     answer = (*MODEL, "coarse.respond", "coarse.drop_unfinished")
-    train = (*MODEL, "lora", "dpo", "weights")
+    train = (*MODEL, "lora", "dpo", "weights", "heldout_fraction", "seed")
     return [
         source,
         sharded("decompose", decompose, split, "instructions", (coarse, musc_prompts, generate)),
@@ -264,6 +284,7 @@ class MuscState:
     preferences: list[dict[str, Any]] = field(default_factory=list)  # with weights after `token_weights`
     training: DPOResult | None = None
     adapter_dir: Path | None = None
+    heldout: dict[str, Any] | None = None  # tdpo's heldout.json, with `heldout_fraction`
 
     @classmethod
     def from_results(cls, results: dict[str, StageResult]) -> MuscState:
@@ -278,6 +299,8 @@ class MuscState:
         if "tdpo" in results:
             state.training = DPOResult(**json.loads((results["tdpo"].dir / "dpo_result.json").read_text()))
             state.adapter_dir = results["tdpo"].dir / "model"
+            if (heldout := results["tdpo"].dir / "heldout.json").is_file():
+                state.heldout = json.loads(heldout.read_text())
         return state
 
     def survival(self) -> list[dict[str, Any]]:

@@ -50,3 +50,7 @@ def ifeval_process_results(doc: dict, results: list[str]) -> dict[str, Any]:
 
 def ifeval_agg_inst_level_acc(items: list) -> float:
     return _ifeval_utils().agg_inst_level_acc(items)
+
+
+def load_ifeval_subset(mainlib_source: str = "full", **_: Any):
+    return benchmarks.ifeval_subset(mainlib_source)
