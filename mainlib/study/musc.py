@@ -46,6 +46,12 @@ def policy_cell(config: MuscConfig, sizes: MuscSizes, folder: Path) -> dict[str,
     if not config.heldout_fraction:
         raise ValueError("the study's MuSC cells measure held-out accuracy: set heldout_fraction in the profile")
     state = run_musc(config)
+    if state.heldout is None:
+        pairs = len(state.preferences)
+        raise ValueError(
+            f"musc_s{config.seed}: {pairs} preference pairs survived, none held out at heldout_fraction = "
+            f"{config.heldout_fraction}; raise n or response_max_new_tokens in the profile (see the survival counts)"
+        )
     return {
         "seed": config.seed,
         "mode": config.weights.mode,
