@@ -84,6 +84,18 @@ def test_cells_run_once_in_order_and_a_failed_cell_leaves_no_file(tmp_path: Path
 # -- the stratified bootstrap and verdicts --------------------------------------------------------------------------
 
 
+def test_study_wall_time_counts_each_invocation_up_to_its_last_finished_cell(tmp_path: Path) -> None:
+    folder = tmp_path / "cells"
+    starts = ["2026-12-03T10:00:00+00:00", "2026-12-03T12:00:00+00:00"]
+    (tmp_path / "invocations.jsonl").write_text("".join(json.dumps({"started": s}) + "\n" for s in starts))
+    finished = {"a": "2026-12-03T10:30:00+00:00", "b": "2026-12-03T11:00:00+00:00", "c": "2026-12-03T12:10:00+00:00"}
+    for name, when in finished.items():  # the first invocation was killed after b, in a cell that left no file
+        (folder / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps({"seconds": 60.0, "finished": when}))
+    time = report.study_time(folder)
+    assert time == {"invocations": 2, "cells": 3, "cell_seconds": 180.0, "wall_seconds": 3600.0 + 600.0}
+
+
 def test_stratified_interval_weights_groups_equally_and_shrinks_with_n() -> None:
     rng = np.random.default_rng(0)
     small, large = rng.normal(0.0, 1.0, 50), rng.normal(1.0, 1.0, 5000)
@@ -302,6 +314,7 @@ def test_notebook_07_reports_every_claim_with_intervals(tmp_path: Path) -> None:
         assert (out / "figures" / f"{claim}.png").is_file()
     summary = (out / "summary.md").read_text()
     assert "| claim_4 | none |" in summary and "held" in summary
+    assert "60 IFEval prompts (mainlib_ifeval_subset), max_gen_toks 32" in summary  # the cap beside every IFEval number
     shown = "".join(
         str(o.get("data", {}).get("text/markdown", "")) for c in executed.cells for o in c.get("outputs", [])
     )

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mainlib.results import write_json
+from mainlib.results import git_commit, write_json
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ def progress(folder: Path, cells: Sequence[Cell]) -> tuple[list[str], list[str]]
 
 
 def run_cells(folder: Path, cells: Sequence[Cell], log: Callable[[str], None] = print) -> dict[str, float]:
-    """Run every cell whose JSON is missing; returns the seconds each took. Each JSON gets its `seconds` and the
-    UTC time it `finished`."""
+    """Run every cell whose JSON is missing; returns the seconds each took. Each JSON gets its `seconds`, the
+    UTC time it `finished` and the `git_commit` that computed it."""
     done, remaining = progress(folder, cells)
     log(f"study: {len(done)} of {len(cells)} cells done, {len(remaining)} to run ({folder})")
     seconds: dict[str, float] = {}
@@ -52,6 +52,7 @@ def run_cells(folder: Path, cells: Sequence[Cell], log: Callable[[str], None] = 
         record = cell.compute()
         seconds[cell.name] = time.perf_counter() - start
         finished = datetime.now(UTC).isoformat(timespec="seconds")
-        write_json(cell_path(folder, cell.name), {**record, "seconds": seconds[cell.name], "finished": finished})
+        stamp = {"seconds": seconds[cell.name], "finished": finished, "git_commit": git_commit()}
+        write_json(cell_path(folder, cell.name), {**record, **stamp})
         log(f"    done in {seconds[cell.name]:.0f} s")
     return seconds

@@ -68,7 +68,7 @@ def weights_figure(claim: Mapping[str, Any]) -> Figure:
     for j, policy in enumerate(policies):
         rows = [r for r in claim["ifeval"] if r["policy"] == policy]
         _points(ax, rows, metrics, offset=0.12 * j, label=policy)
-    ax.set_title("claim 4: IFEval by weight mode")
+    ax.set_title(f"claim 4: IFEval by weight mode\n{claim['measured_on']}", fontsize=10)
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,12 @@ def _above_median_auc(score: np.ndarray, alignment: np.ndarray, axis: int = -1) 
     return u / np.maximum(n_above * n_below, 1)
 
 
+def _counts(cells: dict[int, dict[str, Any]], key: str) -> str:
+    """ "100" when every seed measured 100 items, "98-100" when they differ."""
+    values = sorted(c[key] for c in cells.values()) or [0]
+    return f"{values[0]}" if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
+
+
 # -- MAIN -------------------------------------------------------------------------------------------------------
 
 
@@ -100,7 +107,10 @@ def claim_selection(folder: Path, seeds: Sequence[int], fractions: Sequence[floa
                 )
     auc = [{"alignment": m, "filter": f, **filter_auc(cells, f, m, r).to_dict()} for m in ALIGNMENTS for f in FILTERS]
     primary = [c for c in comparisons if c["alignment"] == "rouge_l" and c["top_fraction"] == 0.5]
-    return {"kept": rows, "auc": auc, "comparisons": comparisons, "primary": primary, "seeds": sorted(cells)}
+    measured_on = f"{_counts(cells, 'n')} synthetic pairs (per seed)"
+    return {"kept": rows, "auc": auc, "comparisons": comparisons, "primary": primary, "seeds": sorted(cells)} | {
+        "measured_on": measured_on
+    }
 
 
 def _per_item(cells: dict[int, dict[str, Any]], key: Callable[[dict[str, Any]], list[float]]) -> np.ndarray:
@@ -128,7 +138,10 @@ def claim_training(folder: Path, seeds: Sequence[int], r: Resampling) -> dict[st
         for f in c["gsm8k"]["exact_match"]
     ]
     primary = [c for c in comparisons if c["versus"] in ("random", "humpback")]
-    return {"nll": rows, "comparisons": comparisons, "primary": primary, "gsm8k": accuracy, "seeds": common}
+    problems = len(next(iter(per_problem.values()))) if per_problem else 0
+    return {"nll": rows, "comparisons": comparisons, "primary": primary, "gsm8k": accuracy, "seeds": common} | {
+        "measured_on": f"{problems} GSM8K test problems, each arm on the same ones"
+    }
 
 
 def _difference_from_first(values: np.ndarray, first: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -144,7 +157,7 @@ def claim_rounds(folder: Path, seeds: Sequence[int], r: Resampling) -> dict[str,
     the responses, stratified by seed). Primary: ROUGE-L, K against 0."""
     cells = cells_of(folder, "main/s{seed}/rounds", seeds)
     if not cells:
-        return {"by_k": [], "comparisons": [], "primary": [], "seeds": []}
+        return {"by_k": [], "comparisons": [], "primary": [], "seeds": [], "measured_on": "no rounds cell yet"}
     ks = sorted(next(iter(cells.values()))["k"], key=int)
     by_k, comparisons = [], []
     for k in ks:
@@ -165,7 +178,10 @@ def claim_rounds(folder: Path, seeds: Sequence[int], r: Resampling) -> dict[str,
     interval = stratified_ci(groups, _auc_difference, r)
     comparisons.append(comparison(interval, "higher", measure="ground_truth_auc", k=int(last), versus_k=int(first)))
     primary = [c for c in comparisons if c["measure"] == "rouge_l"]
-    return {"by_k": by_k, "comparisons": comparisons, "primary": primary, "seeds": sorted(cells)}
+    measured_on = f"{_counts(cells, 'n')} held-out pool responses (per seed)"
+    return {"by_k": by_k, "comparisons": comparisons, "primary": primary, "seeds": sorted(cells)} | {
+        "measured_on": measured_on
+    }
 
 
 # -- MuSC -------------------------------------------------------------------------------------------------------
@@ -235,7 +251,11 @@ def claim_weights(folder: Path, sizes: Any, r: Resampling) -> dict[str, Any]:
         for s, c in by_seed.items()
     ]
     primary = [c for c in comparisons if c["mode"] == "kl" and c["measure"] == "prompt_level_strict_acc"]
-    return {"ifeval": rows, "heldout": heldout, "comparisons": comparisons, "primary": primary}
+    prompts = len(base["ifeval"][IFEVAL_METRICS[0]]) if base else 0
+    measured_on = f"{prompts} IFEval prompts ({sizes.ifeval_task}), max_gen_toks {sizes.max_gen_toks} in every cell"
+    return {"ifeval": rows, "heldout": heldout, "comparisons": comparisons, "primary": primary} | {
+        "measured_on": measured_on
+    }
 
 
 # -- the written results ----------------------------------------------------------------------------------------
@@ -249,12 +269,24 @@ CLAIMS = {
 
 
 def study_time(folder: Path) -> dict[str, Any]:
-    """How many invocations the study took and the compute its finished cells took (cells lost to a kill not
-    included)."""
+    """How many invocations the study took, the compute its finished cells took, and its wall time: each
+    invocation from its start to the last cell it finished (a cell lost to a kill is not counted)."""
     log = folder.parent / "invocations.jsonl"
-    invocations = len(log.read_text(encoding="utf-8").splitlines()) if log.is_file() else 0
+    lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+    starts = sorted(json.loads(line)["started"] for line in lines)
     cells = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.rglob("*.json"))]
-    return {"invocations": invocations, "cells": len(cells), "cell_seconds": sum(c.get("seconds", 0) for c in cells)}
+    wall = 0.0
+    ends = [*starts[1:], "9999"] if starts else []  # an invocation's cells finished before the next one started
+    for start, end in zip(starts, ends, strict=True):
+        finished = [c["finished"] for c in cells if start <= c.get("finished", "") < end]
+        if finished:
+            wall += (datetime.fromisoformat(max(finished)) - datetime.fromisoformat(start)).total_seconds()
+    return {
+        "invocations": len(starts),
+        "cells": len(cells),
+        "cell_seconds": sum(c.get("seconds", 0) for c in cells),
+        "wall_seconds": wall,
+    }
 
 
 def verdict_rows(main: Mapping[str, Any], musc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -270,6 +302,7 @@ def verdict_rows(main: Mapping[str, Any], musc: Mapping[str, Any]) -> list[dict[
                     "difference": f"{c['estimate']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]",
                     "verdict": c["verdict"],
                     "seeds": ", ".join(map(str, c.get("seeds") or claim.get("seeds") or [])),
+                    "measured on": claim["measured_on"],
                 }
             )
     return rows
@@ -310,7 +343,8 @@ def write_results(profile: str, root: Path = Path(), resampling: Resampling | No
     summary += [f"- **{k}**: {v}" for k, v in CLAIMS.items()]
     time = context["time"]
     summary.append(
-        f"\n{time['cells']} cells, {time['cell_seconds'] / 3600:.2f} h of compute, {time['invocations']} invocations."
+        f"\n{time['cells']} cells, {time['cell_seconds'] / 3600:.2f} h of cell compute, "
+        f"{time['wall_seconds'] / 3600:.2f} h wall time over {time['invocations']} invocations."
     )
     (out / "summary.md").write_text("\n".join(summary) + "\n", encoding="utf-8")
     return [*paths, out / "summary.md"]
