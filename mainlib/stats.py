@@ -175,6 +175,8 @@ def stratified_ci(
     if not groups:
         raise ValueError("stratified_ci needs at least one group")
     data = [tuple(np.asarray(s, dtype=float) for s in group) for group in groups]
+    if uneven := [i for i, group in enumerate(data) if len({len(s) for s in group}) != 1]:
+        raise ValueError(f"the samples of a group are paired: one length per group; group {uneven[0]} is uneven")
     estimate = float(np.mean([statistic(*group, axis=-1) for group in data]))
     rng = np.random.default_rng(resampling.seed)
     draws = np.zeros(resampling.n_resamples)

@@ -117,6 +117,14 @@ def test_paired_bootstrap_over_items_of_a_known_difference() -> None:
     assert report.verdict(Interval(estimate, low, high)) == "held"
     assert report.verdict(Interval(estimate, low, high), better="lower") == "not held"
     assert report.verdict(Interval(0.1, -0.2, 0.4)) == "inconclusive"
+    # the interval resamples items, not training runs: one seed against the rest leaves it inconclusive
+    assert report.verdict(Interval(estimate, low, high), per_seed=[0.3, 0.5]) == "held"
+    assert report.verdict(Interval(estimate, low, high), per_seed=[0.6, -0.1]) == "inconclusive"
+
+
+def test_paired_samples_of_unequal_length_are_refused() -> None:
+    with pytest.raises(ValueError, match="group 1 is uneven"):
+        stratified_ci([(np.ones(3), np.ones(3)), (np.ones(3), np.ones(4))], report._difference_from_first, FAST)
 
 
 def test_above_median_auc_matches_the_library_auc_with_ties() -> None:
@@ -194,6 +202,20 @@ def test_claim_four_pairs_prompts_and_reports_every_mode(tmp_path: Path) -> None
     assert heldout["estimate"] == pytest.approx(0.5)
     base = next(r for r in claim["ifeval"] if r["policy"] == "base" and r["metric"] == "prompt_level_strict_acc")
     assert base["estimate"] == 0.0
+    kl_vs_base = next(c for c in claim["comparisons"] if (c["mode"], c["versus"], c["measure"]) == (
+        "kl", "base", "prompt_level_strict_acc"))  # fmt: skip
+    assert kl_vs_base["estimate"] == pytest.approx(0.75) and kl_vs_base["per_seed"] == pytest.approx([0.75, 0.75])
+
+
+def test_claim_four_refuses_modes_that_saw_different_preference_pairs(tmp_path: Path) -> None:
+    def policy(pairs: int) -> dict:
+        ifeval = {"doc_ids": [0, 1], **{m: [True, False] for m in report.IFEVAL_METRICS}}
+        heldout = {k: {"margins": [1.0] * pairs, "accuracy": 1.0} for k in ("uniform", "weighted")}
+        return {"ifeval": ifeval, "heldout": heldout, "survival": [{"step": "tdpo", "left": pairs}]}
+
+    run_cells(tmp_path, [Cell("musc/s0/none", lambda: policy(5)), Cell("musc/s0/kl", lambda: policy(6))], log=print)
+    with pytest.raises(ValueError, match="seed 0: the weight modes"):
+        report.claim_weights(tmp_path, MuscSizes(seeds=[0], ablation_modes=[]), FAST)
 
 
 # -- the study's inputs ---------------------------------------------------------------------------------------------

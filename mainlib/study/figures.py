@@ -22,9 +22,19 @@ def _points(
     ax.grid(alpha=0.3)
 
 
+def no_cells(title: str) -> Figure:
+    """The figure of a claim none of whose cells has finished yet."""
+    fig, ax = plt.subplots(figsize=(6, 2))
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, f"{title}: no finished cells yet", ha="center", va="center")
+    return fig
+
+
 def selection_figure(claim: Mapping[str, Any]) -> Figure:
     """Claim 1: mean alignment of the kept pairs per filter, one panel per alignment measure."""
     measures = sorted({r["alignment"] for r in claim["kept"]})
+    if not measures:
+        return no_cells("claim 1")
     fig, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 3.8), squeeze=False)
     for ax, measure in zip(axes[0], measures, strict=True):
         fractions = sorted({r["top_fraction"] for r in claim["kept"]})
@@ -40,6 +50,8 @@ def selection_figure(claim: Mapping[str, Any]) -> Figure:
 
 def training_figure(claim: Mapping[str, Any]) -> Figure:
     """Claim 2: GSM8K test-solution NLL per token for each arm (lower is better)."""
+    if not claim["nll"]:
+        return no_cells("claim 2")
     fig, ax = plt.subplots(figsize=(6, 3.8))
     _points(ax, claim["nll"], [r["arm"] for r in claim["nll"]])
     ax.set_title(f"claim 2: GSM8K test NLL (seeds {claim['seeds']})")
@@ -51,6 +63,8 @@ def training_figure(claim: Mapping[str, Any]) -> Figure:
 def rounds_figure(claim: Mapping[str, Any]) -> Figure:
     """Claim 3: each recovery measure against the number of rounds k."""
     measures = list(dict.fromkeys(r["measure"] for r in claim["by_k"]))
+    if not measures:
+        return no_cells("claim 3")
     fig, axes = plt.subplots(1, len(measures), figsize=(4.5 * len(measures), 3.6), squeeze=False)
     for ax, measure in zip(axes[0], measures, strict=True):
         rows = [r for r in claim["by_k"] if r["measure"] == measure]
@@ -64,6 +78,8 @@ def weights_figure(claim: Mapping[str, Any]) -> Figure:
     """Claim 4: IFEval metrics per policy (base and each weight mode)."""
     metrics = list(dict.fromkeys(r["metric"] for r in claim["ifeval"]))
     policies = list(dict.fromkeys(r["policy"] for r in claim["ifeval"]))
+    if not policies:
+        return no_cells("claim 4")
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for j, policy in enumerate(policies):
         rows = [r for r in claim["ifeval"] if r["policy"] == policy]

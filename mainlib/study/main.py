@@ -100,14 +100,18 @@ def pipeline_cell(config: MainConfig) -> dict[str, Any]:
 
 
 def filter_table(scores: mutual.PoolScores, ratings: list[int | None], c: MainConfig) -> dict[str, list[float]]:
-    """Every filter's score of each pair (higher: kept first); Humpback's unparseable ratings rank last."""
+    """Every filter's score of each pair (higher: kept first); Humpback's unparseable ratings rank last, and its
+    many ties (ratings are 1-5) are broken by the seeded random score, so arms and report keep the same pairs
+    without favouring pool order."""
     table = {
         f"{method}_{norm}": mutual.filter_scores(scores, method, norm, c.main.lam)
         for method in ("mutual", "forward", "reverse")
         for norm in ("pmi", "none")
     }
-    table["humpback"] = [float(r) if r is not None else 0.0 for r in ratings]
     table["random"] = mutual.random_scores(len(ratings), c.seed)
+    table["humpback"] = [
+        (float(r) if r is not None else 0.0) + 1e-3 * u for r, u in zip(ratings, table["random"], strict=True)
+    ]
     return table
 
 

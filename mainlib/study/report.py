@@ -27,15 +27,29 @@ from mainlib.study.musc import IFEVAL_METRICS
 ALIGNMENTS = ("rouge_l", "true_loglik")
 
 
-def verdict(interval: Interval, better: str = "higher") -> str:
-    """held / not held / inconclusive, for a difference claimed to be above (`higher`) or below zero."""
+def verdict(interval: Interval, better: str = "higher", per_seed: Sequence[float] = ()) -> str:
+    """held / not held / inconclusive, for a difference claimed to be above (`higher`) or below zero. The interval
+    resamples items, not training runs, so a verdict also needs every seed's own difference on its side of zero:
+    one seed against the others leaves it inconclusive."""
     sign = 1 if better == "higher" else -1
     low, high = sorted((sign * interval.low, sign * interval.high))
-    return "held" if low > 0 else "not held" if high < 0 else "inconclusive"
+    signed = [sign * d for d in per_seed]
+    if low > 0 and all(d > 0 for d in signed):
+        return "held"
+    return "not held" if high < 0 and all(d < 0 for d in signed) else "inconclusive"
 
 
-def comparison(interval: Interval, better: str, **context: Any) -> dict[str, Any]:
-    return {**context, **interval.to_dict(), "better": better, "verdict": verdict(interval, better)}
+def comparison(interval: Interval, better: str, per_seed: Sequence[float] = (), **context: Any) -> dict[str, Any]:
+    """A claimed difference: its interval, each seed's own difference, and the verdict."""
+    seeds = [float(d) for d in per_seed]
+    return {**context, **interval.to_dict(), "per_seed": seeds, "better": better} | {
+        "verdict": verdict(interval, better, seeds)
+    }
+
+
+def per_group(groups: Sequence[Sequence[Any]], statistic: Callable[..., np.ndarray]) -> list[float]:
+    """The statistic of each group (seed) on its own items."""
+    return [float(statistic(*(np.asarray(s, dtype=float) for s in g), axis=-1)) for g in groups]
 
 
 def cells_of(folder: Path, pattern: str, seeds: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -90,6 +104,8 @@ def claim_selection(folder: Path, seeds: Sequence[int], fractions: Sequence[floa
     """Claim 1: the truth alignment of what each filter keeps, its AUC for above-median alignment, and
     mutual-pmi against random and Humpback. Primary: ROUGE-L at top_fraction 0.5 (the spec's default)."""
     cells = cells_of(folder, "main/s{seed}/selection", seeds)
+    if not cells:
+        return {"kept": [], "auc": [], "comparisons": [], "primary": [], "seeds": [], "measured_on": "no cells yet"}
     rows, comparisons = [], []
     for measure in ALIGNMENTS:
         for fraction in fractions:
@@ -102,8 +118,9 @@ def claim_selection(folder: Path, seeds: Sequence[int], fractions: Sequence[floa
             for baseline in ("random", "humpback"):
                 groups = [(c[measure], c["scores"]["mutual_pmi"], c["scores"][baseline]) for c in cells.values()]
                 interval = stratified_ci(groups, _kept_difference(fraction), r)
+                per_seed = per_group(groups, _kept_difference(fraction))
                 comparisons.append(
-                    comparison(interval, "higher", alignment=measure, top_fraction=fraction, versus=baseline)
+                    comparison(interval, "higher", per_seed, alignment=measure, top_fraction=fraction, versus=baseline)
                 )
     auc = [{"alignment": m, "filter": f, **filter_auc(cells, f, m, r).to_dict()} for m in ALIGNMENTS for f in FILTERS]
     primary = [c for c in comparisons if c["alignment"] == "rouge_l" and c["top_fraction"] == 0.5]
@@ -126,7 +143,12 @@ def claim_training(folder: Path, seeds: Sequence[int], r: Resampling) -> dict[st
     per_problem = {arm: _per_item({s: a[s] for s in common}, lambda c: c["nll"]) for arm, a in arms.items() if common}
     rows = [{"arm": arm, **stratified_ci([(v,)], _mean, r).to_dict()} for arm, v in per_problem.items()]
     comparisons = [
-        comparison(stratified_ci([(per_problem["mutual"] - per_problem[o],)], _mean, r), "lower", versus=o)
+        comparison(
+            stratified_ci([(per_problem["mutual"] - per_problem[o],)], _mean, r),
+            "lower",
+            [np.mean(np.subtract(arms["mutual"][s]["nll"], arms[o][s]["nll"])) for s in common],
+            versus=o,
+        )
         for o in ARMS
         if o != "mutual" and common
     ]
@@ -171,12 +193,14 @@ def claim_rounds(folder: Path, seeds: Sequence[int], r: Resampling) -> dict[str,
     first, last = ks[0], ks[-1]
     for measure in ALIGNMENTS:
         groups = [(c["k"][last][measure], c["k"][first][measure]) for c in cells.values()]
-        interval = stratified_ci(groups, _difference_from_first, r)
-        comparisons.append(comparison(interval, "higher", measure=measure, k=int(last), versus_k=int(first)))
+        interval, per_seed = stratified_ci(groups, _difference_from_first, r), per_group(groups, _difference_from_first)
+        comparisons.append(comparison(interval, "higher", per_seed, measure=measure, k=int(last), versus_k=int(first)))
     scores = ("true_pair_scores", "shuffled_pair_scores")
     groups = [tuple(c["k"][k][name] for k in (last, first) for name in scores) for c in cells.values()]
-    interval = stratified_ci(groups, _auc_difference, r)
-    comparisons.append(comparison(interval, "higher", measure="ground_truth_auc", k=int(last), versus_k=int(first)))
+    interval, per_seed = stratified_ci(groups, _auc_difference, r), per_group(groups, _auc_difference)
+    comparisons.append(
+        comparison(interval, "higher", per_seed, measure="ground_truth_auc", k=int(last), versus_k=int(first))
+    )
     primary = [c for c in comparisons if c["measure"] == "rouge_l"]
     measured_on = f"{_counts(cells, 'n')} held-out pool responses (per seed)"
     return {"by_k": by_k, "comparisons": comparisons, "primary": primary, "seeds": sorted(cells)} | {
@@ -211,46 +235,86 @@ def ifeval_of(cells: dict[int, dict[str, Any]], metric: str) -> tuple[np.ndarray
     return np.mean([_prompt_values(c["ifeval"], metric) for c in cells.values()], axis=0), _instructions(first, metric)
 
 
+def same_preferences(cells: Mapping[str, dict[int, dict[str, Any]]]) -> None:
+    """The modes of one seed must have trained on the same preference pairs and held out the same ones (a lost
+    stage cache regenerated differently would break the pairing): their survival counts must agree."""
+    for seed in {s for by_seed in cells.values() for s in by_seed}:
+        counts = {m: json.dumps(by_seed[seed].get("survival")) for m, by_seed in cells.items() if seed in by_seed}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"seed {seed}: the weight modes {sorted(counts)} saw different preference sets")
+
+
+def same_prompts(policies: Mapping[str, dict[int, dict[str, Any]]]) -> None:
+    """Every IFEval cell must list the same prompts in the same order: cells are paired prompt by prompt."""
+    orders = {json.dumps(c["ifeval"].get("doc_ids")) for by_seed in policies.values() for c in by_seed.values()}
+    if len(orders) > 1:
+        raise ValueError("the IFEval cells measured different prompts (ifeval_task or ifeval_limit changed)")
+
+
+def versus(
+    cells: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]], label: str, r: Resampling
+) -> list[dict[str, Any]]:
+    """Each IFEval metric of `cells` against `other`, paired over prompts (each averaged over its seeds), and each
+    seed's own difference: against the other's same seed, or against its only cell (the base policy)."""
+    rows = []
+    for metric in IFEVAL_METRICS:
+        (a, n), (b, _) = ifeval_of(cells, metric), ifeval_of(other, metric)
+        partner = {s: other.get(s, next(iter(other.values()))) for s in cells}
+        per_seed = [
+            _weighted_difference(ifeval_of({s: c}, metric)[0], ifeval_of({s: partner[s]}, metric)[0], n)
+            for s, c in cells.items()
+        ]
+        interval = stratified_ci([(a, b, n)], _weighted_difference, r)
+        rows.append(comparison(interval, "higher", per_seed, versus=label, measure=metric, seeds=sorted(cells)))
+    return rows
+
+
+def heldout_versus_none(cells: dict[int, dict[str, Any]], none: dict[int, dict[str, Any]], r: Resampling) -> Any:
+    """Held-out preference accuracy (uniform token weights: one yardstick for every mode) against plain DPO's, on
+    each seed's same held-out pairs."""
+    groups = [
+        tuple((np.array(c["heldout"]["uniform"]["margins"]) > 0).astype(float) for c in (cells[s], none[s]))
+        for s in cells
+    ]
+    interval = stratified_ci(groups, _difference_from_first, r)
+    per_seed = per_group(groups, _difference_from_first)
+    return comparison(interval, "higher", per_seed, versus="none", measure="heldout_accuracy", seeds=sorted(cells))
+
+
 def claim_weights(folder: Path, sizes: Any, r: Resampling) -> dict[str, Any]:
     """Claim 4: IFEval (prompt- and instruction-level, strict and loose) and held-out preference accuracy for
     each weight mode and the base policy; every mode against plain DPO (`none`), paired over IFEval prompts and
-    over each seed's held-out pairs. Primary: the spec's default mode (`kl`) vs `none`, prompt-level strict."""
+    over each seed's held-out pairs, and every policy against the base. Primary: the spec's default mode (`kl`)
+    vs `none`, prompt-level strict."""
     modes = [*sizes.headline_modes, *sizes.ablation_modes]
     cells = {m: cells_of(folder, f"musc/s{{seed}}/{m}", sizes.seeds) for m in modes}
     cells = {m: c for m, c in cells.items() if c}
     base = read_cell(folder, "musc/base/ifeval")
-    rows, comparisons = [], []
     policies = {**({"base": {0: base}} if base else {}), **cells}
+    same_preferences(cells)
+    same_prompts(policies)
+    rows, comparisons = [], []
     for label, by_seed in policies.items():
         for metric in IFEVAL_METRICS:
             values, n = ifeval_of(by_seed, metric)
             interval = stratified_ci([(values, n)], _weighted_mean, r)
             rows.append({"policy": label, "metric": metric, "seeds": sorted(by_seed), **interval.to_dict()})
     for mode, by_seed in cells.items():
-        if mode == "none" or "none" not in cells:
-            continue
-        common = {s: by_seed[s] for s in by_seed if s in cells["none"]}
-        for metric in IFEVAL_METRICS:
-            (a, n), (b, _) = ifeval_of(common, metric), ifeval_of({s: cells["none"][s] for s in common}, metric)
-            interval = stratified_ci([(a, b, n)], _weighted_difference, r)
-            comparisons.append(
-                comparison(interval, "higher", mode=mode, versus="none", measure=metric, seeds=sorted(common))
-            )
-        groups = [
-            tuple(np.array(cell["heldout"]["uniform"]["margins"]) > 0 for cell in (by_seed[s], cells["none"][s]))
-            for s in common
-        ]
-        interval = stratified_ci([(a.astype(float), b.astype(float)) for a, b in groups], _difference_from_first, r)
-        comparisons.append(
-            comparison(interval, "higher", mode=mode, versus="none", measure="heldout_accuracy", seeds=sorted(common))
-        )
+        if base:
+            comparisons += [{"mode": mode, **c} for c in versus(by_seed, {0: base}, "base", r)]
+        common = {s: c for s, c in by_seed.items() if s in cells.get("none", {})}
+        if mode != "none" and common:
+            comparisons += [{"mode": mode, **c} for c in versus(common, cells["none"], "none", r)]
+            comparisons.append({"mode": mode, **heldout_versus_none(common, cells["none"], r)})
     heldout = [
         {"mode": m, "seed": s, "pairs": len(c["heldout"]["uniform"]["margins"])}
         | {kind: c["heldout"][kind]["accuracy"] for kind in ("uniform", "weighted")}
         for m, by_seed in cells.items()
         for s, c in by_seed.items()
     ]
-    primary = [c for c in comparisons if c["mode"] == "kl" and c["measure"] == "prompt_level_strict_acc"]
+    primary = [
+        c for c in comparisons if (c["mode"], c["versus"], c["measure"]) == ("kl", "none", "prompt_level_strict_acc")
+    ]
     prompts = len(base["ifeval"][IFEVAL_METRICS[0]]) if base else 0
     measured_on = f"{prompts} IFEval prompts ({sizes.ifeval_task}), max_gen_toks {sizes.max_gen_toks} in every cell"
     return {"ifeval": rows, "heldout": heldout, "comparisons": comparisons, "primary": primary} | {
