@@ -175,6 +175,37 @@ def test_claim_one_holds_for_a_filter_that_sees_the_alignment(tmp_path: Path) ->
     assert auc[("rouge_l", "random")]["low"] < 0.5 < auc[("rouge_l", "random")]["high"]
 
 
+def test_cpu_study_trains_the_ablation_arms_with_the_first_seed_only(tmp_path: Path) -> None:
+    from mainlib.study.main import main_cells
+
+    spec = load_spec(REPO / "sweeps" / "study_main.yaml", "cpu")
+    arms = [c.name for c in main_cells(spec, tmp_path, tmp_path) if "/arm_" in c.name]
+    assert [a for a in arms if a.startswith("main/s0/")] == [f"main/s0/arm_{a}" for a in report.ARMS]
+    assert [a.split("/arm_")[1] for a in arms if a.startswith("main/s2/")] == ["random", "humpback", "mutual"]
+
+
+def test_claim_two_pairs_each_arm_with_mutual_on_the_seeds_both_ran(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(1.0, 0.3, 50)  # each problem's difficulty, shared by every arm and seed
+
+    def arm(name: str, seed: int) -> dict:
+        shift = {"mutual": 0.0, "random": 0.1, "seed_only": -0.1}[name]
+        return {"arm": name, "nll": list(base + shift + rng.normal(0, 0.01, 50) + 0.05 * seed)}
+
+    cells = [Cell(f"main/s{s}/arm_{a}", lambda a=a, s=s: arm(a, s)) for s in (0, 1, 2) for a in ("random", "mutual")]
+    cells.append(Cell("main/s0/arm_seed_only", lambda: arm("seed_only", 0)))
+    run_cells(tmp_path, cells, log=print)
+    claim = report.claim_training(tmp_path, [0, 1, 2], FAST)
+    by_arm = {r["arm"]: r for r in claim["nll"]}
+    assert by_arm["seed_only"]["seeds"] == [0] and by_arm["mutual"]["seeds"] == [0, 1, 2]
+    versus = {c["versus"]: c for c in claim["comparisons"]}
+    assert versus["random"]["seeds"] == [0, 1, 2] and versus["random"]["verdict"] == "held"
+    assert versus["random"]["estimate"] == pytest.approx(-0.1, abs=0.01)
+    # seed_only against mutual's seed 0 only (seed 1 and 2 would add 0.05 and 0.1 to mutual's NLL)
+    assert versus["seed_only"]["seeds"] == [0] and versus["seed_only"]["estimate"] == pytest.approx(0.1, abs=0.01)
+    assert versus["seed_only"]["verdict"] == "not held" and claim["seeds"] == [0, 1, 2]
+
+
 def test_claim_four_pairs_prompts_and_reports_every_mode(tmp_path: Path) -> None:
     def ifeval(followed: list[bool]) -> dict:
         return {

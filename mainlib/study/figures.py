@@ -53,8 +53,9 @@ def training_figure(claim: Mapping[str, Any]) -> Figure:
     if not claim["nll"]:
         return no_cells("claim 2")
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    _points(ax, claim["nll"], [r["arm"] for r in claim["nll"]])
-    ax.set_title(f"claim 2: GSM8K test NLL (seeds {claim['seeds']})")
+    labels = [f"{r['arm']}\n({len(r['seeds'])} seed{'s' * (len(r['seeds']) != 1)})" for r in claim["nll"]]
+    _points(ax, claim["nll"], labels)
+    ax.set_title("claim 2: GSM8K test NLL per arm, averaged over its seeds")
     ax.set_ylabel("nats / token (lower is better)")
     fig.tight_layout()
     return fig

@@ -3,7 +3,8 @@
     main/s<seed>/pipeline    inputs .. score: the K-round adapters' synthetic pool, scored (stage-cached)
     main/s<seed>/selection   claim 1: each synthetic pair's score under every filter and its truth alignment
     main/s<seed>/rounds      claim 3: the reverse model after k = 0..K rounds, on pool responses outside the pool
-    main/s<seed>/arm_<arm>   claim 2: a final SFT on seed ∪ the arm's pairs, then GSM8K test NLL (and accuracy)
+    main/s<seed>/arm_<arm>   claim 2: a final SFT on seed ∪ the arm's pairs, then GSM8K test NLL (and accuracy);
+                             the headline arms with every seed, the ablation arms with the first only
 
 Every filter ranks the same candidates (the K-round reverse model's instructions for the run's pool), so a
 difference between filters is the filter's alone; Humpback enters as its self-curation (the seed-only forward
@@ -39,7 +40,7 @@ def main_cells(spec: StudySpec, runs: Path, cells_dir: Path) -> list[Cell]:
     """Every MAIN cell of the profile, in the order they run (each seed's pipeline first)."""
     sizes: MainSizes = spec.sizes
     cells = []
-    for seed in sizes.seeds:
+    for number, seed in enumerate(sizes.seeds):
         config = spec.build(seed=seed, runs_dir=str(runs), run_name=f"main_s{seed}", filter_method="mutual")
         where = f"main/s{seed}"
         cells += [
@@ -47,7 +48,8 @@ def main_cells(spec: StudySpec, runs: Path, cells_dir: Path) -> list[Cell]:
             Cell(f"{where}/selection", lambda c=config: selection_cell(c), "claim 1"),
             Cell(f"{where}/rounds", lambda c=config: rounds_cell(c, sizes), "claim 3"),
         ]
-        for arm in ARMS:
+        chosen = sizes.headline_arms + (sizes.ablation_arms if number == 0 else [])
+        for arm in [a for a in ARMS if a in chosen]:
             compute = lambda c=config, a=arm, w=where: arm_cell(c, sizes, a, read_cell(cells_dir, f"{w}/selection"))  # noqa: E731
             cells.append(Cell(f"{where}/arm_{arm}", compute, "claim 2"))
     return cells

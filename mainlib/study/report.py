@@ -137,21 +137,22 @@ def _per_item(cells: dict[int, dict[str, Any]], key: Callable[[dict[str, Any]], 
 
 def claim_training(folder: Path, seeds: Sequence[int], r: Resampling) -> dict[str, Any]:
     """Claim 2: GSM8K test-solution NLL per token for each arm (lower is better), and mutual against the others,
-    paired over problems (the same problems for every arm and seed; each problem's NLL averaged over seeds)."""
-    arms = {arm: cells_of(folder, f"main/s{{seed}}/arm_{arm}", seeds) for arm in ARMS}
-    common = sorted(set.intersection(*(set(a) for a in arms.values()))) if arms else []
-    per_problem = {arm: _per_item({s: a[s] for s in common}, lambda c: c["nll"]) for arm, a in arms.items() if common}
-    rows = [{"arm": arm, **stratified_ci([(v,)], _mean, r).to_dict()} for arm, v in per_problem.items()]
-    comparisons = [
-        comparison(
-            stratified_ci([(per_problem["mutual"] - per_problem[o],)], _mean, r),
-            "lower",
-            [np.mean(np.subtract(arms["mutual"][s]["nll"], arms[o][s]["nll"])) for s in common],
-            versus=o,
-        )
-        for o in ARMS
-        if o != "mutual" and common
+    paired over problems (the same problems for every arm and seed): each problem's NLL averaged over the seeds
+    both arms ran (the ablation arms run with the first seed only)."""
+    found = {arm: cells_of(folder, f"main/s{{seed}}/arm_{arm}", seeds) for arm in ARMS}
+    arms = {arm: cells for arm, cells in found.items() if cells}
+    rows = [
+        {"arm": arm, "seeds": sorted(c), **stratified_ci([(_per_item(c, lambda x: x["nll"]),)], _mean, r).to_dict()}
+        for arm, c in arms.items()
     ]
+    comparisons = []
+    for other in (a for a in arms if a != "mutual" and "mutual" in arms):
+        common = sorted(set(arms["mutual"]) & set(arms[other]))
+        differences = [np.subtract(arms["mutual"][s]["nll"], arms[other][s]["nll"]) for s in common]
+        if differences:
+            interval = stratified_ci([(np.mean(differences, axis=0),)], _mean, r)
+            per_seed = [float(np.mean(d)) for d in differences]
+            comparisons.append(comparison(interval, "lower", per_seed, versus=other, seeds=common))
     accuracy = [
         {"arm": arm, "seed": s, "filter": f, **stratified_ci([(c["gsm8k"]["exact_match"][f],)], _mean, r).to_dict()}
         for arm, by_seed in arms.items()
@@ -160,9 +161,11 @@ def claim_training(folder: Path, seeds: Sequence[int], r: Resampling) -> dict[st
         for f in c["gsm8k"]["exact_match"]
     ]
     primary = [c for c in comparisons if c["versus"] in ("random", "humpback")]
-    problems = len(next(iter(per_problem.values()))) if per_problem else 0
-    return {"nll": rows, "comparisons": comparisons, "primary": primary, "gsm8k": accuracy, "seeds": common} | {
-        "measured_on": f"{problems} GSM8K test problems, each arm on the same ones"
+    first = next((c for cells in arms.values() for c in cells.values()), None)
+    problems = len(first["nll"]) if first else 0
+    return {"nll": rows, "comparisons": comparisons, "primary": primary, "gsm8k": accuracy} | {
+        "seeds": sorted(arms.get("mutual", {})),
+        "measured_on": f"{problems} GSM8K test problems, each arm on the same ones",
     }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mainlib.config import CONFIGS, build
 from mainlib.parameters import ConfigError, Problem, problems, unknown_names
@@ -21,6 +21,7 @@ from mainlib.yamlfile import load_yaml
 
 PROFILES = ("smoke", "cpu", "gpu")
 FILES = {"main": "study_main.yaml", "musc": "study_musc.yaml"}
+Arm = Literal["seed_only", "unfiltered", "random", "humpback", "mutual"]  # claim 2's training sets
 
 
 @dataclass
@@ -37,6 +38,14 @@ class MainSizes:
     arm_fraction: float = field(
         default=0.5,
         metadata={"help": "claim 2: share of the candidates every filtered arm trains on", "range": "(0, 1]"},
+    )
+    headline_arms: list[Arm] = field(
+        default_factory=lambda: ["random", "humpback", "mutual"],
+        metadata={"help": "claim 2: arms trained with every seed (mutual is compared with each other arm)"},
+    )
+    ablation_arms: list[Arm] = field(
+        default_factory=lambda: ["seed_only", "unfiltered"],
+        metadata={"help": "claim 2: arms trained with the first seed only (single-seed in every table)"},
     )
     heldout_responses: int = field(
         default=100,
@@ -57,6 +66,12 @@ class MainSizes:
     max_gen_toks: int = field(
         default=256, metadata={"help": "claim 2: GSM8K generation cap (lm-eval's default: 256)", "range": "[1, inf)"}
     )
+
+    def rules(self) -> list[tuple[str, Any, str]]:
+        """Claim 2 compares mutual with every other arm, so mutual runs with every seed."""
+        if "mutual" not in self.headline_arms:
+            return [("headline_arms", self.headline_arms, "a list holding 'mutual': claim 2 compares it with each arm")]
+        return []
 
 
 @dataclass
