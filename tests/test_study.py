@@ -175,13 +175,16 @@ def test_claim_one_holds_for_a_filter_that_sees_the_alignment(tmp_path: Path) ->
     assert auc[("rouge_l", "random")]["low"] < 0.5 < auc[("rouge_l", "random")]["high"]
 
 
-def test_cpu_study_trains_the_ablation_arms_with_the_first_seed_only(tmp_path: Path) -> None:
+def test_cpu_study_runs_ablation_arms_and_rounds_with_the_first_seed_only(tmp_path: Path) -> None:
     from mainlib.study.main import main_cells
 
     spec = load_spec(REPO / "sweeps" / "study_main.yaml", "cpu")
     arms = [c.name for c in main_cells(spec, tmp_path, tmp_path) if "/arm_" in c.name]
     assert [a for a in arms if a.startswith("main/s0/")] == [f"main/s0/arm_{a}" for a in report.ARMS]
     assert [a.split("/arm_")[1] for a in arms if a.startswith("main/s2/")] == ["random", "humpback", "mutual"]
+    assert [c.name for c in main_cells(spec, tmp_path, tmp_path) if c.name.endswith("/rounds")] == ["main/s0/rounds"]
+    gpu = load_spec(REPO / "sweeps" / "study_main.yaml", "gpu")
+    assert len([c for c in main_cells(gpu, tmp_path, tmp_path) if "/arm_" in c.name]) == 15
 
 
 def test_claim_two_pairs_each_arm_with_mutual_on_the_seeds_both_ran(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
     main/s<seed>/pipeline    inputs .. score: the K-round adapters' synthetic pool, scored (stage-cached)
     main/s<seed>/selection   claim 1: each synthetic pair's score under every filter and its truth alignment
     main/s<seed>/rounds      claim 3: the reverse model after k = 0..K rounds, on pool responses outside the pool
+                             (the seeds in `rounds_seeds`)
     main/s<seed>/arm_<arm>   claim 2: a final SFT on seed ∪ the arm's pairs, then GSM8K test NLL (and accuracy);
                              the headline arms with every seed, the ablation arms with the first only
 
@@ -46,8 +47,9 @@ def main_cells(spec: StudySpec, runs: Path, cells_dir: Path) -> list[Cell]:
         cells += [
             Cell(f"{where}/pipeline", lambda c=config: pipeline_cell(c), "claims 1-3: the pipeline"),
             Cell(f"{where}/selection", lambda c=config: selection_cell(c), "claim 1"),
-            Cell(f"{where}/rounds", lambda c=config: rounds_cell(c, sizes), "claim 3"),
         ]
+        if seed in sizes.rounds_seeds:
+            cells.append(Cell(f"{where}/rounds", lambda c=config: rounds_cell(c, sizes), "claim 3"))
         chosen = sizes.headline_arms + (sizes.ablation_arms if number == 0 else [])
         for arm in [a for a in ARMS if a in chosen]:
             compute = lambda c=config, a=arm, w=where: arm_cell(c, sizes, a, read_cell(cells_dir, f"{w}/selection"))  # noqa: E731

@@ -47,6 +47,10 @@ class MainSizes:
         default_factory=lambda: ["seed_only", "unfiltered"],
         metadata={"help": "claim 2: arms trained with the first seed only (single-seed in every table)"},
     )
+    rounds_seeds: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "claim 3: the seeds whose rounds cell runs (not a headline claim: one seed by default)"},
+    )
     heldout_responses: int = field(
         default=100,
         metadata={
@@ -68,10 +72,17 @@ class MainSizes:
     )
 
     def rules(self) -> list[tuple[str, Any, str]]:
-        """Claim 2 compares mutual with every other arm, so mutual runs with every seed."""
+        """Claim 2 compares mutual with every other arm, so mutual runs with every seed; the seeds of claims 2's
+        accuracy and 3 are among the pipelines' seeds."""
+        found = []
         if "mutual" not in self.headline_arms:
-            return [("headline_arms", self.headline_arms, "a list holding 'mutual': claim 2 compares it with each arm")]
-        return []
+            found.append(
+                ("headline_arms", self.headline_arms, "a list holding 'mutual': claim 2 compares it with each arm")
+            )
+        for name in ("rounds_seeds", "fewshot_seeds"):
+            if not set(getattr(self, name)) <= set(self.seeds):
+                found.append((name, getattr(self, name), f"seeds among `seeds` ({self.seeds})"))
+        return found
 
 
 @dataclass
