@@ -96,6 +96,16 @@ def test_study_wall_time_counts_each_invocation_up_to_its_last_finished_cell(tmp
     assert time == {"invocations": 2, "cells": 3, "cell_seconds": 180.0, "wall_seconds": 3600.0 + 600.0}
 
 
+def test_cell_costs_group_the_seeds_of_each_kind_of_cell(tmp_path: Path) -> None:
+    for name, seconds in {"main/s0/pipeline": 60, "main/s1/pipeline": 180, "musc/base/ifeval": 30}.items():
+        (tmp_path / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"{name}.json").write_text(json.dumps({"seconds": seconds}))
+    assert report.cell_costs(tmp_path) == [
+        {"cell": "main/s*/pipeline", "cells": 2, "minutes": "1.0-3.0"},
+        {"cell": "musc/base/ifeval", "cells": 1, "minutes": "0.5"},
+    ]
+
+
 def test_stratified_interval_weights_groups_equally_and_shrinks_with_n() -> None:
     rng = np.random.default_rng(0)
     small, large = rng.normal(0.0, 1.0, 50), rng.normal(1.0, 1.0, 5000)

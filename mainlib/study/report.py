@@ -10,6 +10,7 @@ prompts, held-out preference pairs), stratified by seed where each seed measured
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
@@ -356,6 +357,19 @@ def study_time(folder: Path) -> dict[str, Any]:
     }
 
 
+def cell_costs(folder: Path) -> list[dict[str, Any]]:
+    """Minutes per kind of cell (its name without the seed), for the README's cost column: a seed's first MuSC
+    mode also builds that seed's preference pairs, and seed 0's MAIN arms also measure GSM8K accuracy."""
+    minutes: dict[str, list[float]] = {}
+    for path in sorted(folder.rglob("*.json")):
+        name = re.sub(r"/s\d+/", "/s*/", path.relative_to(folder).with_suffix("").as_posix())
+        minutes.setdefault(name, []).append(json.loads(path.read_text(encoding="utf-8")).get("seconds", 0) / 60)
+    return [
+        {"cell": name, "cells": len(m), "minutes": f"{min(m):.1f}" if len(m) == 1 else f"{min(m):.1f}-{max(m):.1f}"}
+        for name, m in minutes.items()
+    ]
+
+
 def verdict_rows(main: Mapping[str, Any], musc: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per primary comparison, as the README's Results table states them."""
     rows = []
@@ -394,7 +408,7 @@ def write_results(profile: str, root: Path = Path(), resampling: Resampling | No
         "claim_3": claim_rounds(folder, sizes.seeds, resampling),
     }
     musc = {"claim_4": claim_weights(folder, specs["musc"].sizes, resampling)}
-    context = {"profile": profile, "time": study_time(folder), "claims": CLAIMS}
+    context = {"profile": profile, "time": study_time(folder), "costs": cell_costs(folder), "claims": CLAIMS}
     paths = [
         write_json(out / f"{s}.json", {**claims, **context, "sizes": asdict(specs[s].sizes), "config": specs[s].config})
         for s, claims in (("main", main), ("musc", musc))
@@ -413,5 +427,6 @@ def write_results(profile: str, root: Path = Path(), resampling: Resampling | No
         f"\n{time['cells']} cells, {time['cell_seconds'] / 3600:.2f} h of cell compute, "
         f"{time['wall_seconds'] / 3600:.2f} h wall time over {time['invocations']} invocations."
     )
+    summary += ["\nWhat each kind of cell took (minutes):\n", markdown_table(context["costs"])]
     (out / "summary.md").write_text("\n".join(summary) + "\n", encoding="utf-8")
     return [*paths, out / "summary.md"]
