@@ -385,3 +385,12 @@ def test_notebook_07_reports_every_claim_with_intervals(tmp_path: Path) -> None:
         str(o.get("data", {}).get("text/markdown", "")) for c in executed.cells for o in c.get("outputs", [])
     )
     assert "Reference study (smoke)" in shown
+
+
+def test_the_readme_states_the_committed_study_verdicts() -> None:
+    """The README's Results table is the committed study's, row for row (notebook 07 writes summary.md)."""
+    summary = (REPO / "results" / "study" / "summary.md").read_text(encoding="utf-8")
+    rows = [line for line in summary.splitlines() if line.startswith("| claim_")]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(rows) == 6  # claims 1 and 2: mutual vs random and vs Humpback; 3: k = 2 vs 0; 4: kl vs none
+    assert [row for row in rows if row not in readme] == []
